@@ -1,0 +1,94 @@
+"""The ``disel`` command line: thin, it parses, validates and calls the library.
+
+Each subcommand lives in its own module exposing ``add_arguments(parser)`` and ``run(args) -> int``;
+modules are imported only when their command runs, so ``disel --help`` is fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import os
+import sys
+from collections.abc import Sequence
+
+from .errors import UserError
+
+# name -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "methods": ("disel.commands.methods", "List the registered fine-tuning methods."),
+}
+
+
+def register_command(name: str, module: str, help_text: str) -> None:
+    COMMANDS[name] = (module, help_text)
+
+
+def _builtin_commands() -> None:
+    # Commands added by other parts of the package; a missing module simply leaves its command out.
+    extra = {
+        "toy": ("disel.commands.toy", "The two-population regression of the paper's section 2, with theory."),
+        "eval": ("disel.commands.eval", "Evaluate a base model, an adapter or a run directory."),
+        "eval-code": ("disel.commands.eval_code", "Score HumanEval completions (pass@1) in a sandbox."),
+        "train": ("disel.commands.train", "Fine-tune a model from a YAML config."),
+        "sweep": ("disel.commands.sweep", "Run a grid of trainings that survives being killed."),
+        "report": ("disel.commands.report", "Tables and plots from a results store."),
+        "demo": ("disel.commands.demo", "Fine-tune the shipped tiny model with LoRA and DISeL and report."),
+        "gates": ("disel.commands.gates", "Record and plot the gates of a DISeL adapter on several domains."),
+        "compact": ("disel.commands.compact", "Drop closed gates and fold open ones into a mergeable part."),
+        "bench": ("disel.commands.bench", "Time DISeL against LoRA on this machine."),
+    }
+    for name, (mod, help_text) in extra.items():
+        if name in COMMANDS:
+            continue
+        if importlib.util.find_spec(mod) is not None:
+            COMMANDS[name] = (mod, help_text)
+
+
+def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
+    """The parser; only the ``selected`` command's module is imported to add its arguments."""
+    _builtin_commands()
+    parser = argparse.ArgumentParser(
+        prog="disel", description="Fine-tune pretrained models without catastrophic forgetting."
+    )
+    parser.add_argument("--version", action="version", version=f"disel {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (mod, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(_module=mod)
+        if name == selected:
+            importlib.import_module(mod).add_arguments(p)
+    return parser
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    selected = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(selected)
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 2
+    module = importlib.import_module(args._module)
+    try:
+        return int(module.run(args) or 0)
+    except (UserError, FileNotFoundError) as e:
+        if os.environ.get("DISEL_DEBUG"):
+            raise
+        msg = str(e) if isinstance(e, UserError) else f"{e.strerror or e}: {e.filename} (check the path)."
+        print(f"disel {args.command}: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"disel {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

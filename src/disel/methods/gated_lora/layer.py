@@ -1,0 +1,157 @@
+"""The DISeL layer: PEFT's LoRA ``Linear`` with one sigmoid gate per rank-one component.
+
+The layer reuses everything PEFT's LoRA layer does (dropout, scaling, Conv1D handling, several adapters,
+mixed batches, device and dtype moves) and plugs the gate in through PEFT's LoRA-variant hook, so the
+only new state is the ``lora_gate`` ModuleDict, saved and loaded with the adapter like ``lora_A``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from peft.tuners.lora import layer as lora_layer
+from peft.tuners.lora.layer import LoraLayer, LoraVariant
+from torch import nn
+
+from .config import DiselConfig
+
+MERGE_ERROR = (
+    "DISeL adapters cannot be merged into the base weights: each rank-one component is scaled by an "
+    "input-dependent gate, so there is no fixed weight update to add. Keep the adapter unmerged (it costs "
+    "about as much as unmerged LoRA), or run `disel compact` to fold always-open components into a "
+    "mergeable LoRA part."
+)
+
+
+class DiselGate(nn.Module):
+    """g(x) = sigmoid(W_g x [/ sqrt(d_in)] + b_g), or with a bottleneck sigmoid(W_g P x + b_g).
+
+    ``override`` (None by default) forces every gate to a constant, for tests and ablations
+    (see :func:`disel.force_gates`).
+    """
+
+    def __init__(self, in_features: int, r: int, bottleneck: int | None = None, logit_scale: bool = False):
+        super().__init__()
+        self.in_features = in_features
+        self.r = r
+        self.bottleneck = bottleneck
+        self.logit_scale = logit_scale
+        width = bottleneck if bottleneck is not None else in_features
+        self.proj = nn.Linear(in_features, bottleneck, bias=False) if bottleneck is not None else None
+        self.weight = nn.Parameter(torch.empty(r, width))
+        self.bias = nn.Parameter(torch.empty(r))
+        self.override: float | None = None
+
+    @property
+    def input_scale(self) -> float:
+        return 1.0 / math.sqrt(self.in_features) if self.logit_scale else 1.0
+
+    def reset_parameters(self, bias_init: float, weight_init: str) -> None:
+        with torch.no_grad():
+            if self.proj is not None:
+                nn.init.kaiming_uniform_(self.proj.weight, a=math.sqrt(5))
+            if weight_init == "zero":
+                nn.init.zeros_(self.weight)
+            else:
+                nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+            self.bias.fill_(bias_init)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.proj(x) if self.proj is not None else x
+        z = F.linear(h, self.weight)
+        if self.logit_scale:
+            z = z * self.input_scale
+        return z + self.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.override is not None:
+            return torch.full((*x.shape[:-1], self.r), self.override, dtype=x.dtype, device=x.device)
+        return torch.sigmoid(self.logits(x))
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, r={self.r}, bottleneck={self.bottleneck}, "
+            f"logit_scale={self.logit_scale}"
+        )
+
+
+def gated_delta(
+    x: torch.Tensor, lora_A: nn.Linear, lora_B: nn.Linear, gate: DiselGate, scaling: float
+) -> torch.Tensor:
+    """scaling * U (g(x) * (D x)) for an already dropout-applied x.
+
+    The gate is called as a module so that forward hooks (gate recording, see ``disel.analysis``) see it.
+    """
+    down = lora_A(x)
+    return lora_B(down * gate(x)) * scaling
+
+
+class DiselLinearVariant(LoraVariant):
+    """Plugs the gate into PEFT's LoRA ``Linear`` forward, mixed-batch forward and merge paths."""
+
+    def supports_lora_conversion(self) -> bool:
+        return False
+
+    @staticmethod
+    def init(module: LoraLayer, adapter_name: str, config: DiselConfig | None = None, **kwargs: Any) -> None:
+        if config is None or not hasattr(config, "gate_bias_init"):
+            raise TypeError("The DISeL layer needs a DiselConfig; build it with disel.DiselConfig(...).")
+        lora_A = module.lora_A[adapter_name]
+        gate = DiselGate(
+            module.in_features,
+            module.r[adapter_name],
+            bottleneck=config.gate_bottleneck,
+            logit_scale=config.gate_logit_scale,
+        )
+        gate.reset_parameters(config.gate_bias_init, config.gate_weight_init)
+        module.lora_gate[adapter_name] = gate.to(device=lora_A.weight.device, dtype=lora_A.weight.dtype)
+
+    @staticmethod
+    def merge_safe(module: LoraLayer, active_adapter: str, orig_weight: torch.Tensor) -> torch.Tensor:
+        raise TypeError(MERGE_ERROR)
+
+    @staticmethod
+    def merge_unsafe(module: LoraLayer, active_adapter: str, orig_weight: torch.Tensor) -> None:
+        raise TypeError(MERGE_ERROR)
+
+    @staticmethod
+    def unmerge(module: LoraLayer, active_adapter: str, orig_weight: torch.Tensor) -> torch.Tensor:
+        raise TypeError(MERGE_ERROR)
+
+    @staticmethod
+    def forward(
+        module: LoraLayer, active_adapter: str, x: torch.Tensor, result: torch.Tensor, **kwargs: Any
+    ) -> torch.Tensor:
+        dropout = module.lora_dropout[active_adapter]
+        delta = gated_delta(
+            dropout(x),
+            module.lora_A[active_adapter],
+            module.lora_B[active_adapter],
+            module.lora_gate[active_adapter],
+            module.scaling[active_adapter],
+        )
+        return result + delta
+
+
+class DiselLinear(lora_layer.Linear):
+    """LoRA ``Linear`` (nn.Linear and GPT-2's Conv1D) with DISeL gates."""
+
+    adapter_layer_names: tuple[str, ...] = (*LoraLayer.adapter_layer_names, "lora_gate")
+
+    def update_layer(self, adapter_name: str, r: int, lora_alpha: int, config: Any, **kwargs: Any) -> None:
+        if "lora_gate" not in self._modules:
+            self.lora_gate = nn.ModuleDict({})
+        super().update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config, **kwargs)
+
+    @property
+    def lora_variants(self) -> dict[tuple[str, ...], type[LoraVariant] | None]:
+        return {(): DiselLinearVariant}
+
+    def get_delta_weight(self, adapter: str) -> torch.Tensor:
+        raise TypeError(MERGE_ERROR)
+
+    def __repr__(self) -> str:
+        return "disel." + super().__repr__().removeprefix("lora.")

@@ -1,0 +1,138 @@
+"""Optimizer parameter groups for DISeL.
+
+The gates learn a different problem from the LoRA factors (telling fine-tuning inputs from the rest), so
+they get their own, larger learning rate, and no weight decay: decay pulls W_g to zero, which removes the
+input dependence the gates exist for. Biases and normalisation weights get no decay either.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..methods.gated_lora.layer import DiselGate
+
+DEFAULT_GATE_LR_MULTIPLIER = 5.0
+_NORM_TYPES: tuple[type[nn.Module], ...] = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.RMSNorm)
+
+
+def _gate_lr_multiplier(model: nn.Module) -> float:
+    configs = getattr(model, "peft_config", None)
+    if isinstance(configs, dict):
+        active = getattr(model, "active_adapter", None)
+        if isinstance(active, list):
+            active = active[0] if active else None
+        cfg = configs.get(active) if active is not None else None
+        cfg = cfg if cfg is not None else next(iter(configs.values()), None)
+        mult = getattr(cfg, "gate_lr_multiplier", None)
+        if mult is not None:
+            return float(mult)
+    return DEFAULT_GATE_LR_MULTIPLIER
+
+
+def _is_norm(module: nn.Module) -> bool:
+    return isinstance(module, _NORM_TYPES) or "norm" in type(module).__name__.lower()
+
+
+def param_groups(
+    model: nn.Module, lr: float, gate_lr: float | None = None, weight_decay: float = 0.0
+) -> list[dict[str, Any]]:
+    """Three groups of trainable parameters: ``decay``, ``no_decay`` (biases, norms) and ``gates``.
+
+    ``gate_lr`` defaults to ``lr`` times the adapter config's ``gate_lr_multiplier`` (5.0 if none).
+    Empty groups are left out.
+    """
+    if lr <= 0:
+        raise ValueError(f"learning rate {lr!r} must be positive.")
+    if gate_lr is None:
+        gate_lr = lr * _gate_lr_multiplier(model)
+    if gate_lr <= 0:
+        raise ValueError(f"gate learning rate {gate_lr!r} must be positive.")
+    if weight_decay < 0:
+        raise ValueError(f"weight_decay {weight_decay!r} must be >= 0.")
+
+    gate_ids = {id(p) for m in model.modules() if isinstance(m, DiselGate) for p in m.parameters()}
+    no_decay_ids: set[int] = set()
+    for module in model.modules():
+        if _is_norm(module):
+            no_decay_ids.update(id(p) for p in module.parameters(recurse=False))
+    for name, p in model.named_parameters():
+        if name.endswith("bias") or p.ndim < 2:
+            no_decay_ids.add(id(p))
+
+    decay, no_decay, gates = [], [], []
+    seen: set[int] = set()
+    for p in model.parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        if id(p) in gate_ids:
+            gates.append(p)
+        elif id(p) in no_decay_ids:
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    if not (decay or no_decay or gates):
+        raise ValueError("The model has no trainable parameters; did you forget get_peft_model(...)?")
+    groups = [
+        {"name": "decay", "params": decay, "lr": lr, "weight_decay": weight_decay},
+        {"name": "no_decay", "params": no_decay, "lr": lr, "weight_decay": 0.0},
+        {"name": "gates", "params": gates, "lr": gate_lr, "weight_decay": 0.0},
+    ]
+    return [g for g in groups if g["params"]]
+
+
+def build_optimizer(
+    model: nn.Module,
+    lr: float,
+    gate_lr: float | None = None,
+    weight_decay: float = 0.0,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    optimizer_cls: type[torch.optim.Optimizer] = torch.optim.AdamW,
+    **optimizer_kwargs: Any,
+) -> torch.optim.Optimizer:
+    """AdamW (by default) over :func:`param_groups`: gates at ``gate_lr`` without decay."""
+    groups = param_groups(model, lr=lr, gate_lr=gate_lr, weight_decay=weight_decay)
+    return optimizer_cls(groups, lr=lr, betas=betas, eps=eps, **optimizer_kwargs)
+
+
+def with_disel_optimizer(trainer_cls: type) -> type:
+    """Subclass a ``transformers.Trainer`` (or TRL's ``SFTTrainer``) so it builds DISeL's optimizer groups.
+
+    The learning rate, weight decay, betas and epsilon come from the ``TrainingArguments``; pass
+    ``gate_lr=`` to the trainer to override the gate learning rate.
+    """
+
+    class _DiselTrainer(trainer_cls):  # type: ignore[misc, valid-type]
+        def __init__(self, *args: Any, gate_lr: float | None = None, **kwargs: Any) -> None:
+            self.gate_lr = gate_lr
+            super().__init__(*args, **kwargs)
+
+        def create_optimizer(self, *args: Any, **kwargs: Any) -> torch.optim.Optimizer:
+            if self.optimizer is None:
+                a = self.args
+                self.optimizer = build_optimizer(
+                    self.model,
+                    lr=a.learning_rate,
+                    gate_lr=self.gate_lr,
+                    weight_decay=a.weight_decay,
+                    betas=(a.adam_beta1, a.adam_beta2),
+                    eps=a.adam_epsilon,
+                )
+            return self.optimizer
+
+    _DiselTrainer.__name__ = f"Disel{trainer_cls.__name__}"
+    _DiselTrainer.__qualname__ = _DiselTrainer.__name__
+    return _DiselTrainer
+
+
+def _make_default_trainer() -> type:
+    from transformers import Trainer
+
+    return with_disel_optimizer(Trainer)
+
+
+DiselTrainer = _make_default_trainer()
