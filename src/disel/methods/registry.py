@@ -7,6 +7,7 @@ methods up here instead of branching on names. Methods built on PEFT return a ``
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -72,7 +73,8 @@ class MethodSpec:
 METHODS: dict[str, MethodSpec] = {}
 
 # Modules that register more methods when imported (kept lazy so `import disel` stays light).
-_PLUGIN_MODULES: list[str] = []
+# A module listed here that is not installed is skipped.
+_PLUGIN_MODULES: list[str] = ["disel.methods.lalora", "disel.methods.corda", "disel.methods.queryable"]
 _plugins_loaded = False
 
 
@@ -100,7 +102,8 @@ def _load_plugins() -> None:
         return
     _plugins_loaded = True
     for mod in _PLUGIN_MODULES:
-        importlib.import_module(mod)
+        if importlib.util.find_spec(mod) is not None:
+            importlib.import_module(mod)
 
 
 def available_methods() -> dict[str, MethodSpec]:
