@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +33,10 @@ class MethodOptions:
     gate_bottleneck: int | None = None
     gate_logit_scale: bool = False
     extra: dict[str, Any] = field(default_factory=dict)  # method-specific settings
+    # Model-ready batches (dicts of tensors: input_ids, attention_mask, labels) of the method's calibration
+    # or source-domain data, for methods that need data at build time (LaLoRA's curvature, CorDA's
+    # covariance). A zero-argument callable so the data is only made when a method asks for it.
+    calibration: Callable[[], Iterable[dict[str, Any]]] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:

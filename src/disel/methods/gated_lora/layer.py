@@ -71,6 +71,14 @@ class DiselGate(nn.Module):
             return torch.full((*x.shape[:-1], self.r), self.override, dtype=x.dtype, device=x.device)
         return torch.sigmoid(self.logits(x))
 
+    def fast_path_ok(self) -> bool:
+        """Whether a fused kernel may compute this gate without calling the module.
+
+        False while anything must observe or alter the gate: forward hooks (gate recording), a forced value.
+        Fused implementations must fall back to calling ``gate(x)`` when this is False.
+        """
+        return self.override is None and not self._forward_hooks and not self._forward_pre_hooks
+
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, r={self.r}, bottleneck={self.bottleneck}, "

@@ -1,0 +1,1 @@
+"""Experiments: the toy regression, sweeps and the demo."""
