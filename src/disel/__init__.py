@@ -6,6 +6,7 @@
 
 from .methods.gated_lora import DiselConfig, DiselGate, DiselLinear, DiselModel
 from .methods.gated_lora.utils import force_gates, gate_parameters, iter_gates
+from .methods.queryable import QueryableConfig  # registers the QUERYABLE PEFT type too
 from .training.optim import DiselTrainer, build_optimizer
 
 __version__ = "0.1.0"
@@ -16,6 +17,7 @@ __all__ = [
     "DiselLinear",
     "DiselModel",
     "DiselTrainer",
+    "QueryableConfig",
     "__version__",
     "build_optimizer",
     "force_gates",

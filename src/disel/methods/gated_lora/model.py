@@ -67,7 +67,7 @@ class DiselModel(LoraModel):
 
     def gate_modules(self, adapter_name: str | None = None) -> dict[str, DiselGate]:
         """Map of module name to the gate of ``adapter_name`` (default: the active adapter)."""
-        adapter_name = adapter_name or self.active_adapter
+        adapter_name = adapter_name or self.active_adapters[0]
         out: dict[str, DiselGate] = {}
         for name, module in self.model.named_modules():
             if isinstance(module, DiselLinear) and adapter_name in module.lora_gate:

@@ -1,0 +1,38 @@
+"""Queryable LoRA: per-layer LoRA factors around an operator routed from atoms shared by all layers."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ..registry import MethodOptions, register_method
+from .config import PEFT_TYPE, QueryableConfig
+from .layer import AtomMemory, QueryableLinear, RoutingContext
+from .model import QueryableModel, instruction_prior, layer_index, record_routing, register
+
+register()
+
+
+@register_method(
+    "queryable",
+    "Queryable LoRA: per-layer LoRA factors around an r x r operator routed (top-k attention) from update "
+    "atoms shared by all layers.",
+    input_dependent=True,
+)
+def _build_queryable(model: nn.Module, o: MethodOptions) -> nn.Module:
+    from peft import get_peft_model
+
+    return get_peft_model(model, QueryableConfig(**o.peft_common(), **o.extra.get("queryable", {})))
+
+
+__all__ = [
+    "PEFT_TYPE",
+    "AtomMemory",
+    "QueryableConfig",
+    "QueryableLinear",
+    "QueryableModel",
+    "RoutingContext",
+    "instruction_prior",
+    "layer_index",
+    "record_routing",
+    "register",
+]
