@@ -83,6 +83,25 @@ class DiselConfig(LoraConfig):
             )
         },
     )
+    static_rank_pattern: dict[str, int] = field(
+        default_factory=dict,
+        metadata={
+            "help": (
+                "Written by `disel compact`: module name (pattern, matched like rank_pattern) -> k, meaning the "
+                "first k rank components of that module's adapter are ungated (gate = 1, a plain LoRA part); "
+                "its gate only computes the other r - k rows. Empty (default): every component is gated."
+            )
+        },
+    )
+
+    def static_rank_for(self, module_name: str) -> int:
+        """Number of ungated leading components of the adapter on ``module_name`` (0 if none)."""
+        if not self.static_rank_pattern or not module_name:
+            return 0
+        from peft.utils.other import get_pattern_key
+
+        key = get_pattern_key(list(self.static_rank_pattern), module_name)
+        return int(self.static_rank_pattern.get(key, 0))
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -128,5 +147,20 @@ class DiselConfig(LoraConfig):
                 self.init_lora_weights,
                 "DISeL must start as the base model, so keep the default True (up-projection = 0)",
             )
+        if not isinstance(self.static_rank_pattern, dict):
+            raise bad("static_rank_pattern", self.static_rank_pattern, "use a dict of module name -> int")
+        max_r = max([self.r, *[v for v in (self.rank_pattern or {}).values() if isinstance(v, int)]])
+        for key, k in self.static_rank_pattern.items():
+            if (
+                not isinstance(key, str)
+                or isinstance(k, bool)
+                or not isinstance(k, int)
+                or not 0 <= k <= max_r
+            ):
+                raise bad(
+                    "static_rank_pattern",
+                    {key: k},
+                    f"map module names to a number of ungated components between 0 and the rank ({max_r})",
+                )
         if self.layers_to_transform is not None and self.target_modules is None:
             raise bad("target_modules", None, "name the modules to adapt, e.g. 'all-linear'")

@@ -16,6 +16,7 @@ from peft.tuners.lora import layer as lora_layer
 from peft.tuners.lora.layer import LoraLayer, LoraVariant
 from torch import nn
 
+from . import kernels
 from .config import DiselConfig
 
 MERGE_ERROR = (
@@ -31,18 +32,31 @@ class DiselGate(nn.Module):
 
     ``override`` (None by default) forces every gate to a constant, for tests and ablations
     (see :func:`disel.force_gates`).
+
+    ``num_static`` (0 by default, set by ``disel compact`` through ``DiselConfig.static_rank_pattern``): the
+    first ``num_static`` components are ungated (gate = 1); W_g and b_g hold only the other r - num_static rows.
     """
 
-    def __init__(self, in_features: int, r: int, bottleneck: int | None = None, logit_scale: bool = False):
+    def __init__(
+        self,
+        in_features: int,
+        r: int,
+        bottleneck: int | None = None,
+        logit_scale: bool = False,
+        num_static: int = 0,
+    ):
         super().__init__()
+        if not 0 <= num_static <= r:
+            raise ValueError(f"num_static={num_static} is invalid for a gate of rank {r}: use 0..{r}.")
         self.in_features = in_features
         self.r = r
+        self.num_static = num_static
         self.bottleneck = bottleneck
         self.logit_scale = logit_scale
         width = bottleneck if bottleneck is not None else in_features
         self.proj = nn.Linear(in_features, bottleneck, bias=False) if bottleneck is not None else None
-        self.weight = nn.Parameter(torch.empty(r, width))
-        self.bias = nn.Parameter(torch.empty(r))
+        self.weight = nn.Parameter(torch.empty(r - num_static, width))
+        self.bias = nn.Parameter(torch.empty(r - num_static))
         self.override: float | None = None
 
     @property
@@ -53,7 +67,7 @@ class DiselGate(nn.Module):
         with torch.no_grad():
             if self.proj is not None:
                 nn.init.kaiming_uniform_(self.proj.weight, a=math.sqrt(5))
-            if weight_init == "zero":
+            if weight_init == "zero" or self.weight.numel() == 0:
                 nn.init.zeros_(self.weight)
             else:
                 nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
@@ -69,29 +83,40 @@ class DiselGate(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.override is not None:
             return torch.full((*x.shape[:-1], self.r), self.override, dtype=x.dtype, device=x.device)
-        return torch.sigmoid(self.logits(x))
+        g = torch.sigmoid(self.logits(x))
+        if self.num_static:
+            g = torch.cat([g.new_ones((*g.shape[:-1], self.num_static)), g], dim=-1)
+        return g
 
     def fast_path_ok(self) -> bool:
         """Whether a fused kernel may compute this gate without calling the module.
 
-        False while anything must observe or alter the gate: forward hooks (gate recording), a forced value.
+        False while anything must observe or alter the gate: forward hooks (gate recording), a forced value,
+        or static (ungated) components, whose W_g has fewer rows than the adapter's rank.
         Fused implementations must fall back to calling ``gate(x)`` when this is False.
         """
-        return self.override is None and not self._forward_hooks and not self._forward_pre_hooks
+        return (
+            self.override is None
+            and self.num_static == 0
+            and not self._forward_hooks
+            and not self._forward_pre_hooks
+        )
 
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, r={self.r}, bottleneck={self.bottleneck}, "
-            f"logit_scale={self.logit_scale}"
+            f"logit_scale={self.logit_scale}" + (f", num_static={self.num_static}" if self.num_static else "")
         )
 
 
 def gated_delta(
     x: torch.Tensor, lora_A: nn.Linear, lora_B: nn.Linear, gate: DiselGate, scaling: float
 ) -> torch.Tensor:
-    """scaling * U (g(x) * (D x)) for an already dropout-applied x.
+    """scaling * U (g(x) * (D x)) for an already dropout-applied x: the reference module path.
 
     The gate is called as a module so that forward hooks (gate recording, see ``disel.analysis``) see it.
+    :meth:`DiselLinearVariant.forward` uses the fused kernel (``kernels.fused_gated_update``) instead
+    whenever it computes the same thing; this function is what it falls back to and is tested against.
     """
     down = lora_A(x)
     return lora_B(down * gate(x)) * scaling
@@ -113,6 +138,7 @@ class DiselLinearVariant(LoraVariant):
             module.r[adapter_name],
             bottleneck=config.gate_bottleneck,
             logit_scale=config.gate_logit_scale,
+            num_static=config.static_rank_for(kwargs.get("target_name") or ""),
         )
         gate.reset_parameters(config.gate_bias_init, config.gate_weight_init)
         module.lora_gate[adapter_name] = gate.to(device=lora_A.weight.device, dtype=lora_A.weight.dtype)
@@ -133,15 +159,17 @@ class DiselLinearVariant(LoraVariant):
     def forward(
         module: LoraLayer, active_adapter: str, x: torch.Tensor, result: torch.Tensor, **kwargs: Any
     ) -> torch.Tensor:
-        dropout = module.lora_dropout[active_adapter]
-        delta = gated_delta(
-            dropout(x),
-            module.lora_A[active_adapter],
-            module.lora_B[active_adapter],
-            module.lora_gate[active_adapter],
-            module.scaling[active_adapter],
-        )
-        return result + delta
+        # Dropout is applied once: the down-projection and the gate read the same dropped-out x.
+        x = module.lora_dropout[active_adapter](x)
+        lora_A = module.lora_A[active_adapter]
+        lora_B = module.lora_B[active_adapter]
+        gate = module.lora_gate[active_adapter]
+        scaling = module.scaling[active_adapter]
+        if kernels.fast_path_applies(lora_A, lora_B, gate):
+            return kernels.fused_gated_update(
+                x, result, lora_A.weight, gate.weight, gate.bias, lora_B.weight, scaling, gate.input_scale
+            )
+        return result + gated_delta(x, lora_A, lora_B, gate, scaling)
 
 
 class DiselLinear(lora_layer.Linear):

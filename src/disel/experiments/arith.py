@@ -1,0 +1,105 @@
+"""Arithmetic word problems with exact answers: a fine-tuning task a small stdlib-pretrained LM cannot do.
+
+Problems are templated English sentences ("Tom has 12 apples and buys 7 more. How many apples does Tom
+have?" -> "19"), deterministic for a seed. Train and test are disjoint in the arithmetic fact
+(operation, a, b), not only in wording, so test accuracy measures arithmetic rather than recall.
+Prompts use the Alpaca instruction template; the loss is on the response tokens only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from dataclasses import dataclass
+from typing import Any
+
+ALPACA_TEMPLATE = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the "
+    "request.\n\n### Instruction:\n{instruction}\n\n### Response:\n"
+)
+
+NAMES = ("Tom", "Anna", "Ben", "Lucy", "Sam", "Mia", "Leo", "Emma", "Max", "Zoe", "Omar", "Ivy")
+ITEMS = ("apples", "books", "coins", "pencils", "cards", "stamps", "marbles", "shells", "stickers", "cookies")
+
+_ADD = (
+    "{n} has {a} {i} and buys {b} more. How many {i} does {n} have?",
+    "{n} had {a} {i}. {m} gave {n} {b} more {i}. How many {i} does {n} have now?",
+    "There are {a} {i} in a box and {b} {i} on the table. How many {i} are there in total?",
+)
+_SUB = (
+    "{n} has {a} {i} and gives {b} to {m}. How many {i} does {n} have left?",
+    "{n} had {a} {i} and lost {b} of them. How many {i} does {n} have now?",
+    "There were {a} {i} on the shelf. {n} took {b}. How many {i} are on the shelf now?",
+)
+
+
+@dataclass(frozen=True)
+class Problem:
+    question: str
+    answer: str
+    op: str
+    a: int
+    b: int
+
+    @property
+    def prompt(self) -> str:
+        return ALPACA_TEMPLATE.format(instruction=self.question)
+
+
+def _facts(max_value: int) -> list[tuple[str, int, int]]:
+    facts = [("+", a, b) for a in range(max_value + 1) for b in range(1, max_value + 1)]
+    facts += [("-", a, b) for a in range(1, max_value + 1) for b in range(1, a + 1)]
+    return facts
+
+
+def _is_test(fact: tuple[str, int, int], seed: int, test_fraction: float) -> bool:
+    h = hashlib.sha1(f"{seed}:{fact}".encode()).hexdigest()[:8]
+    return int(h, 16) / 0xFFFFFFFF < test_fraction
+
+
+def _render(fact: tuple[str, int, int], rng: random.Random) -> Problem:
+    op, a, b = fact
+    n, m = rng.sample(NAMES, 2)
+    template = rng.choice(_ADD if op == "+" else _SUB)
+    q = template.format(n=n, m=m, i=rng.choice(ITEMS), a=a, b=b)
+    return Problem(q, str(a + b if op == "+" else a - b), op, a, b)
+
+
+def arith_problems(
+    split: str, n: int, seed: int = 0, max_value: int = 20, test_fraction: float = 0.2
+) -> list[Problem]:
+    """``n`` problems of ``split`` ("train" or "test"); train and test facts are disjoint for a seed.
+
+    Train problems are sampled with replacement from the train facts (with fresh wording); test problems
+    cycle through the shuffled test facts, so a small test set covers distinct facts.
+    """
+    if split not in ("train", "test"):
+        raise ValueError(f"split={split!r} is invalid: use 'train' or 'test'.")
+    if max_value < 2:
+        raise ValueError(f"max_value={max_value!r} is too small: use 2 or more.")
+    facts = [f for f in _facts(max_value) if _is_test(f, seed, test_fraction) == (split == "test")]
+    rng = random.Random(f"{seed}:{split}")
+    if split == "test":
+        rng.shuffle(facts)
+        chosen = [facts[i % len(facts)] for i in range(n)]
+    else:
+        chosen = [rng.choice(facts) for _ in range(n)]
+    return [_render(f, rng) for f in chosen]
+
+
+def encode_sft(problems: list[Problem], tokenizer: Any, max_length: int = 128) -> list[dict[str, list[int]]]:
+    """Token ids and labels for supervised fine-tuning: ``<bos> prompt answer <eos>``, loss on the answer."""
+    out = []
+    for p in problems:
+        prompt = tokenizer(p.prompt, add_special_tokens=False)["input_ids"]
+        resp = tokenizer(p.answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        ids = [tokenizer.bos_token_id, *prompt, *resp][:max_length]
+        labels = ([-100] * (1 + len(prompt)) + resp)[:max_length]
+        out.append({"input_ids": ids, "labels": labels})
+    return out
+
+
+def exact_match(prediction: str, answer: str) -> bool:
+    """The first whitespace-separated word of the completion equals the answer (strict: no other number)."""
+    words = prediction.strip().split()
+    return bool(words) and words[0].rstrip(".") == answer

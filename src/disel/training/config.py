@@ -1,0 +1,450 @@
+"""The training config: a tree of dataclasses (model, method, data, training, eval, output) read from YAML.
+
+Every field can be set from the command line (``--set training.lr=1e-4`` or ``--training.lr 1e-4``); values
+are parsed as YAML scalars, so ``true``, ``1e-4`` and ``[q_proj, v_proj]`` mean what they look like. Unknown
+keys and bad values raise :class:`~disel.errors.UserError` naming the field, so a typo in a config never
+silently trains with a default.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import types
+import typing
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..errors import UserError
+
+METHOD_NAMES_HINT = "disel, lora, dora, adalora, full"
+DATA_FORMATS = ("instruction", "classification", "text")
+TASKS = ("causal_lm", "seq_cls")
+
+
+@dataclass
+class ModelConfig:
+    """The base model: a hub id or a local directory that ``transformers`` loads."""
+
+    name: str = ""
+    tokenizer: str | None = None  # defaults to ``name``
+    task: str | None = None  # causal_lm | seq_cls; inferred from data.format when unset
+    dtype: str = "float32"  # weights dtype at load: float32 | bfloat16 | float16 | auto
+    num_labels: int | None = None  # seq_cls: inferred from the labels when unset
+    trust_remote_code: bool = False
+
+
+@dataclass
+class MethodConfig:
+    """The fine-tuning method and its :class:`disel.methods.registry.MethodOptions`."""
+
+    name: str = "disel"
+    rank: int = 8
+    alpha: float | None = None  # default 2 * rank
+    dropout: float = 0.0
+    target_modules: str | list[str] | None = "all-linear"
+    modules_to_save: list[str] | None = None
+    gate_bias_init: float = -3.0
+    gate_lr_multiplier: float = 5.0
+    gate_bottleneck: int | None = None
+    gate_logit_scale: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)  # per-method settings, e.g. {adalora: {...}}
+
+
+@dataclass
+class DataConfig:
+    """Where the data comes from and how a row becomes a training example."""
+
+    format: str = "instruction"  # instruction | classification | text
+    train: str = ""  # local .json/.jsonl/.csv/.parquet file or a `datasets` name
+    validation: str | None = None  # same kinds of source; optional
+    dataset_config: str | None = None  # `datasets` configuration name (e.g. "sst2" for "glue")
+    split: str = "train"
+    validation_split: str | None = None
+    template: str = "alpaca"  # alpaca | magicoder | a string containing {instruction}
+    instruction_field: str = "instruction"
+    input_field: str | None = "input"  # optional extra context appended to the instruction when present
+    response_field: str = "output"
+    text_fields: list[str] = field(default_factory=lambda: ["sentence"])  # classification: 1 or 2 fields
+    label_field: str = "label"
+    text_field: str = "text"  # raw text
+    max_length: int = 512
+    max_samples: int | None = None
+
+
+@dataclass
+class TrainingConfig:
+    """Optimiser, schedule and loop settings (the paper's recipe is in configs/*.yaml)."""
+
+    seed: int = 0
+    epochs: float = 3.0
+    max_steps: int = -1  # > 0 overrides epochs
+    lr: float = 2e-4
+    gate_lr: float | None = None  # default: lr * method.gate_lr_multiplier (before rank scaling)
+    rank_scaled_lr: bool = False  # lr * (rank_scaled_lr_reference / rank) ** rank_scaled_lr_power
+    rank_scaled_lr_reference: int = 8
+    rank_scaled_lr_power: float = 0.5
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    scheduler: str = "cosine"
+    warmup_ratio: float = 0.02
+    per_device_batch_size: int = 8
+    gradient_accumulation_steps: int | None = None  # derived from effective_batch_size when unset
+    effective_batch_size: int | None = None  # per_device * accumulation * world size
+    max_grad_norm: float = 1.0
+    bf16: bool | str = "auto"  # auto: on where the hardware supports it
+    gradient_checkpointing: bool = False
+    save_steps: int | None = None  # checkpoint every N optimizer steps; None: every epoch
+    save_total_limit: int | None = None
+    logging_steps: int = 10
+    dataloader_num_workers: int = 0
+    ddp_backend: str | None = None
+    fsdp: str = ""  # passed to TrainingArguments (prefer an accelerate config file)
+    deepspeed: str | None = None  # DeepSpeed JSON config path
+    report_to: str = "none"
+
+
+@dataclass
+class OutputConfig:
+    dir: str = "runs"  # parent of the run directories
+    run_id: str | None = None  # default "<method>-r<rank>-s<seed>"
+    run_dir: str | None = None  # default <dir>/<run_id>
+    results: str | None = None  # results store; default <dir>/results.sqlite
+    overwrite: bool = False  # start over instead of resuming an unfinished run
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    eval: dict[str, Any] | None = None  # evaluation spec, passed to disel.evaluation.evaluate_run
+    output: OutputConfig = field(default_factory=OutputConfig)
+    grid: dict[str, list[Any]] | None = None  # used by `disel sweep` only
+
+    # -- derived values --------------------------------------------------------------------------
+    @property
+    def task(self) -> str:
+        if self.model.task:
+            return self.model.task
+        return "seq_cls" if self.data.format == "classification" else "causal_lm"
+
+    @property
+    def run_id(self) -> str:
+        return self.output.run_id or f"{self.method.name}-r{self.method.rank}-s{self.training.seed}"
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output.run_dir) if self.output.run_dir else Path(self.output.dir) / self.run_id
+
+    @property
+    def results_path(self) -> Path:
+        return Path(self.output.results) if self.output.results else Path(self.output.dir) / "results.sqlite"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# Short keys accepted on the command line and in sweep grids.
+ALIASES = {
+    "method": "method.name",
+    "rank": "method.rank",
+    "seed": "training.seed",
+    "lr": "training.lr",
+    "gate_lr": "training.gate_lr",
+}
+
+
+def canonical_key(key: str) -> str:
+    """``method_options.rank`` -> ``method.rank``; ``rank`` -> ``method.rank``."""
+    key = key.strip()
+    if key.startswith("method_options."):
+        key = "method." + key[len("method_options.") :]
+    return ALIASES.get(key, key)
+
+
+# --------------------------------------------------------------------------------------------------
+# Building and validating
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; ints are accepted for floats."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, where)
+            except UserError as e:
+                errors.append(e)
+        want = " or ".join(_type_name(a) for a in args)
+        raise UserError(f"{where}={value!r} has the wrong type: use {want}.")
+    if tp is Any:
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise UserError(f"{where}={value!r} has the wrong type: use a list such as [a, b].")
+        (inner,) = typing.get_args(tp) or (Any,)
+        return [_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise UserError(f"{where}={value!r} has the wrong type: use a mapping such as {{key: value}}.")
+        return copy.deepcopy(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise UserError(f"{where}={value!r} has the wrong type: use true or false.")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise UserError(f"{where}={value!r} has the wrong type: use an integer.")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML reads "1e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise UserError(f"{where}={value!r} has the wrong type: use a number such as 1e-4.")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise UserError(f"{where}={value!r} has the wrong type: use a string.")
+    return value
+
+
+def _build(cls: type, data: Any, where: str) -> Any:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise UserError(f"{where or 'the config'} must be a mapping of keys to values, got {data!r}.")
+    hints = _hints(cls)
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise UserError(
+            f"Unknown key {(where + '.' if where else '') + str(unknown[0])!r}: "
+            f"valid keys{' of ' + where if where else ''} are {', '.join(sorted(names))}."
+        )
+    kwargs = {}
+    for name, value in data.items():
+        tp = hints[name]
+        path = f"{where}.{name}" if where else name
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, value, path)
+        else:
+            kwargs[name] = _coerce(value, tp, path)
+    return cls(**kwargs)
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """Build and validate a :class:`Config`; ``method: lora`` is short for ``method: {name: lora}``."""
+    data = copy.deepcopy(data or {})
+    if isinstance(data.get("method"), str):
+        data["method"] = {"name": data["method"]}
+    cfg = _build(Config, data, "")
+    validate(cfg)
+    return cfg
+
+
+def load_config(path: str | Path, overrides: list[tuple[str, Any]] | None = None) -> Config:
+    """Read a YAML config, apply ``overrides`` (dotted key, value) and validate."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"Config file {str(p)!r} does not exist: pass the path of a YAML file.")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"Config file {str(p)!r} is not valid YAML ({e}): fix the syntax.") from e
+    if not isinstance(data, dict):
+        raise UserError(f"Config file {str(p)!r} must hold a mapping (model:, method:, data:, ...).")
+    data = apply_overrides(data, overrides or [])
+    return config_from_dict(data)
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[tuple[str, Any]]) -> dict[str, Any]:
+    """Set dotted keys in a plain config dict (before validation, so unknown keys are still caught)."""
+    data = copy.deepcopy(data)
+    if isinstance(data.get("method"), str):
+        data["method"] = {"name": data["method"]}
+    for key, value in overrides:
+        parts = canonical_key(key).split(".")
+        node = data
+        for part in parts[:-1]:
+            nxt = node.get(part)
+            if nxt is None:
+                nxt = node[part] = {}
+            if not isinstance(nxt, dict):
+                raise UserError(f"Cannot set {key!r}: {part!r} is a value, not a section.")
+            node = nxt
+        node[parts[-1]] = value
+    return data
+
+
+def with_overrides(cfg: Config, overrides: list[tuple[str, Any]]) -> Config:
+    """A new validated config: ``cfg`` with dotted-key overrides."""
+    return config_from_dict(apply_overrides(cfg.to_dict(), overrides))
+
+
+def parse_value(text: str) -> Any:
+    """A command-line value as YAML (``1e-4`` -> 0.0001, ``true`` -> True, ``[a, b]`` -> list)."""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    return value  # numbers YAML keeps as strings ("1e-4") are converted by the field's type
+
+
+def parse_override_args(tokens: list[str]) -> tuple[list[tuple[str, Any]], list[str]]:
+    """Split ``--set a.b=v``, ``--a.b=v`` and ``--a.b v`` overrides from other tokens (returned as is)."""
+    overrides: list[tuple[str, Any]] = []
+    rest: list[str] = []
+    i = 0
+    while i < len(tokens):
+        tok = tokens[i]
+        if tok == "--set":
+            if i + 1 >= len(tokens) or "=" not in tokens[i + 1]:
+                raise UserError("--set needs KEY=VALUE, e.g. --set training.lr=1e-4.")
+            k, v = tokens[i + 1].split("=", 1)
+            overrides.append((k, parse_value(v)))
+            i += 2
+        elif tok.startswith("--set="):
+            k, v = tok[len("--set=") :].split("=", 1) if "=" in tok[6:] else (tok[6:], "")
+            if not v and "=" not in tok[6:]:
+                raise UserError("--set needs KEY=VALUE, e.g. --set training.lr=1e-4.")
+            overrides.append((k, parse_value(v)))
+            i += 1
+        elif tok.startswith("--") and ("." in tok.split("=", 1)[0] or tok[2:].split("=", 1)[0] in ALIASES):
+            if "=" in tok:
+                k, v = tok[2:].split("=", 1)
+                i += 1
+            else:
+                if i + 1 >= len(tokens):
+                    raise UserError(f"{tok} needs a value, e.g. {tok} 1e-4.")
+                k, v = tok[2:], tokens[i + 1]
+                i += 2
+            overrides.append((k, parse_value(v)))
+        else:
+            rest.append(tok)
+            i += 1
+    return overrides, rest
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks; each error names the field and the fix."""
+    m, d, t, o = cfg.method, cfg.data, cfg.training, cfg.output
+    if not cfg.model.name:
+        raise UserError("model.name is empty: set it to a hub id or a local model directory.")
+    if cfg.model.task is not None and cfg.model.task not in TASKS:
+        raise UserError(f"model.task={cfg.model.task!r} is invalid: use one of {', '.join(TASKS)}.")
+    if cfg.model.dtype not in ("float32", "bfloat16", "float16", "auto"):
+        raise UserError(
+            f"model.dtype={cfg.model.dtype!r} is invalid: use float32, bfloat16, float16 or auto."
+        )
+    if not m.name:
+        raise UserError(f"method.name is empty: use one of {METHOD_NAMES_HINT}.")
+    if m.rank < 1:
+        raise UserError(f"method.rank={m.rank} is invalid: use a positive integer such as 8.")
+    if not 0.0 <= m.dropout < 1.0:
+        raise UserError(f"method.dropout={m.dropout} is invalid: use a value in [0, 1).")
+    if d.format not in DATA_FORMATS:
+        raise UserError(f"data.format={d.format!r} is invalid: use one of {', '.join(DATA_FORMATS)}.")
+    if not d.train:
+        raise UserError("data.train is empty: set it to a local data file or a `datasets` name.")
+    if (
+        d.format == "instruction"
+        and d.template not in ("alpaca", "magicoder")
+        and "{instruction}" not in d.template
+    ):
+        raise UserError(
+            f"data.template={d.template!r} is invalid: use alpaca, magicoder or a string with {{instruction}}."
+        )
+    if d.format == "classification" and not 1 <= len(d.text_fields) <= 2:
+        raise UserError(f"data.text_fields={d.text_fields!r} is invalid: list one or two text fields.")
+    if d.max_length < 8:
+        raise UserError(f"data.max_length={d.max_length} is too small: use at least 8 (the paper uses 512).")
+    if d.max_samples is not None and d.max_samples < 1:
+        raise UserError(f"data.max_samples={d.max_samples} is invalid: use a positive integer or null.")
+    if t.lr <= 0:
+        raise UserError(f"training.lr={t.lr} is invalid: use a positive learning rate such as 2e-4.")
+    if t.gate_lr is not None and t.gate_lr <= 0:
+        raise UserError(f"training.gate_lr={t.gate_lr} is invalid: use a positive value or null.")
+    if t.rank_scaled_lr_reference < 1:
+        raise UserError(f"training.rank_scaled_lr_reference={t.rank_scaled_lr_reference} must be >= 1.")
+    if t.epochs <= 0 and t.max_steps <= 0:
+        raise UserError("training.epochs and training.max_steps are both <= 0: set one of them.")
+    if not 0.0 <= t.warmup_ratio < 1.0:
+        raise UserError(f"training.warmup_ratio={t.warmup_ratio} is invalid: use a value in [0, 1).")
+    if t.per_device_batch_size < 1:
+        raise UserError(f"training.per_device_batch_size={t.per_device_batch_size} must be >= 1.")
+    if t.gradient_accumulation_steps is not None and t.gradient_accumulation_steps < 1:
+        raise UserError(f"training.gradient_accumulation_steps={t.gradient_accumulation_steps} must be >= 1.")
+    if t.effective_batch_size is not None and t.effective_batch_size < 1:
+        raise UserError(f"training.effective_batch_size={t.effective_batch_size} must be >= 1.")
+    if t.max_grad_norm < 0:
+        raise UserError(
+            f"training.max_grad_norm={t.max_grad_norm} is invalid: use 0 (off) or a positive value."
+        )
+    if t.weight_decay < 0:
+        raise UserError(f"training.weight_decay={t.weight_decay} is invalid: use a value >= 0.")
+    if not (isinstance(t.bf16, bool) or t.bf16 == "auto"):
+        raise UserError(f"training.bf16={t.bf16!r} is invalid: use true, false or auto.")
+    if t.save_steps is not None and t.save_steps < 1:
+        raise UserError(f"training.save_steps={t.save_steps} is invalid: use a positive integer or null.")
+    if t.logging_steps < 1:
+        raise UserError(f"training.logging_steps={t.logging_steps} must be >= 1.")
+    if cfg.eval is not None and not isinstance(cfg.eval, dict):
+        raise UserError("eval must be a mapping (the evaluation spec) or absent.")
+    if o.run_id is not None and ("/" in o.run_id or o.run_id in ("", ".", "..")):
+        raise UserError(f"output.run_id={o.run_id!r} is invalid: use a name without '/'.")
+    if cfg.grid is not None:
+        for k, v in cfg.grid.items():
+            if not isinstance(v, list) or not v:
+                raise UserError(f"grid.{k}={v!r} is invalid: give a non-empty list of values.")
+
+
+def effective_lr(cfg: Config) -> float:
+    """The LoRA-path learning rate, rank-scaled when ``training.rank_scaled_lr`` is on.
+
+    Formula: ``lr * (reference / rank) ** power`` (reference 8, power 0.5 by default), applied to LoRA, DoRA
+    and DISeL's LoRA factors only; the gate learning rate and other methods keep their learning rate.
+    """
+    t = cfg.training
+    if t.rank_scaled_lr and cfg.method.name in ("lora", "dora", "disel"):
+        return t.lr * (t.rank_scaled_lr_reference / cfg.method.rank) ** t.rank_scaled_lr_power
+    return t.lr
+
+
+def gate_lr(cfg: Config) -> float:
+    """The gates' learning rate: ``training.gate_lr`` or ``lr * method.gate_lr_multiplier`` (unscaled lr)."""
+    if cfg.training.gate_lr is not None:
+        return cfg.training.gate_lr
+    return cfg.training.lr * cfg.method.gate_lr_multiplier
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

@@ -1,0 +1,478 @@
+"""`disel train`: one fine-tuning run from a :class:`~disel.training.config.Config`.
+
+The run goes through the method registry (``disel.methods.build_model``) and ``transformers.Trainer`` with
+DISeL's optimizer groups (:func:`disel.training.with_disel_optimizer`). Run directory layout (shared with
+``disel eval``, ``disel gates`` and sweeps)::
+
+    RUN_DIR/run.json            {"run_id", "method", "rank", "seed", "model", "task", "status", "config", ...}
+    RUN_DIR/checkpoint-<step>/  Trainer checkpoints (PEFT adapter, or a full model for "full")
+    RUN_DIR/final/              final adapter or full model + tokenizer files
+
+A run that was interrupted resumes from its newest complete checkpoint when started again.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import UserError
+from ..utils.io import atomic_write_json, read_json
+from .config import Config, effective_lr, gate_lr
+from .data import PadCollator, PreparedData, prepare_data
+from .distributed import barrier, is_main_process, trainable_hash, world_size
+from .optim import with_disel_optimizer
+
+RUN_FILE = "run.json"
+FINAL_DIR = "final"
+_CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+def log(msg: str) -> None:
+    if is_main_process():
+        print(f"[disel] {msg}", file=sys.stderr, flush=True)
+
+
+@dataclass
+class TrainResult:
+    run_id: str
+    run_dir: Path
+    status: str  # "finished" | "skipped" (already finished)
+    train_loss: float | None = None
+    wall_seconds: float = 0.0
+    global_step: int = 0
+    resumed_from: str | None = None
+    model: nn.Module | None = None
+
+
+# --------------------------------------------------------------------------------------------------
+# Checkpoints and the run file
+
+
+def read_run_file(run_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
+    p = Path(run_dir) / RUN_FILE
+    if not p.is_file():
+        return None
+    try:
+        return read_json(p)
+    except ValueError:
+        return None
+
+
+def checkpoints(run_dir: str | os.PathLike[str]) -> list[tuple[int, Path]]:
+    """Complete checkpoints, oldest first. The Trainer writes ``trainer_state.json`` last, so a checkpoint
+    without it was cut short by a crash and is not used."""
+    d = Path(run_dir)
+    if not d.is_dir():
+        return []
+    out = []
+    for p in d.iterdir():
+        m = _CKPT_RE.match(p.name)
+        if m and p.is_dir() and (p / "trainer_state.json").is_file():
+            out.append((int(m.group(1)), p))
+    return sorted(out)
+
+
+def remove_incomplete_checkpoints(run_dir: Path) -> list[Path]:
+    removed = []
+    complete = {p for _, p in checkpoints(run_dir)}
+    if run_dir.is_dir():
+        for p in run_dir.iterdir():
+            if _CKPT_RE.match(p.name) and p.is_dir() and p not in complete:
+                shutil.rmtree(p, ignore_errors=True)
+                removed.append(p)
+    return removed
+
+
+def _model_ref(name: str) -> str:
+    """Local model paths are stored absolute so the run dir can be read from anywhere."""
+    p = Path(name).expanduser()
+    return str(p.resolve()) if p.exists() else name
+
+
+# --------------------------------------------------------------------------------------------------
+# Trainer pieces
+
+
+def make_trainer_class(base: type | None = None) -> type:
+    """DISeL's optimizer groups plus the ``_disel_regularizers`` extra losses, on ``base`` (Trainer)."""
+    if base is None:
+        from transformers import Trainer
+
+        base = Trainer
+
+    class RunTrainer(with_disel_optimizer(base)):  # type: ignore[misc]
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # type: ignore[override]
+            result = super().compute_loss(
+                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+            )
+            regs = getattr(self.model, "_disel_regularizers", None)
+            if not regs or not model.training:
+                return result
+            loss, outputs = result if return_outputs else (result, None)
+            extra = sum(fn() for fn in regs)
+            # When the task loss is already normalised over the whole accumulated batch, the Trainer does not
+            # divide by the accumulation steps, so the regulariser (added once per micro-batch) must be.
+            scaled = self.model_accepts_loss_kwargs and num_items_in_batch is not None
+            if scaled:
+                extra = extra / max(1, getattr(self, "current_gradient_accumulation_steps", 1))
+            loss = loss + extra.to(loss.device)
+            return (loss, outputs) if return_outputs else loss
+
+    return RunTrainer
+
+
+def _adalora_callback() -> Any:
+    from transformers import TrainerCallback
+
+    class AdaLoraAllocation(TrainerCallback):
+        """AdaLoRA prunes its rank budget from the gradients: ``update_and_allocate`` after every optimizer
+        step, before the gradients are zeroed."""
+
+        def on_optimizer_step(self, args, state, control, **kwargs):  # type: ignore[override]
+            model = kwargs.get("model")
+            base = getattr(model, "base_model", None)
+            if base is not None and hasattr(base, "update_and_allocate"):
+                base.update_and_allocate(state.global_step)
+            return control
+
+    return AdaLoraAllocation()
+
+
+def resolve_bf16(setting: bool | str) -> bool:
+    available = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if setting == "auto":
+        return available
+    if setting and not available:
+        log("training.bf16 is on but this machine has no bf16-capable GPU: training in float32.")
+        return False
+    return bool(setting)
+
+
+def accumulation_steps(cfg: Config, world: int) -> int:
+    t = cfg.training
+    if t.gradient_accumulation_steps is not None:
+        return t.gradient_accumulation_steps
+    if t.effective_batch_size is None:
+        return 1
+    per_step = t.per_device_batch_size * world
+    accum = max(1, round(t.effective_batch_size / per_step))
+    if accum * per_step != t.effective_batch_size:
+        log(
+            f"effective batch {t.effective_batch_size} is not a multiple of {per_step} "
+            f"(batch x processes): using {accum * per_step}."
+        )
+    return accum
+
+
+def total_optimizer_steps(cfg: Config, n_examples: int, world: int, accum: int) -> int:
+    """The number of optimizer steps the Trainer will take (AdaLoRA's schedule needs it up front)."""
+    t = cfg.training
+    if t.max_steps > 0:
+        return t.max_steps
+    per_rank = math.ceil(n_examples / world)
+    batches = math.ceil(per_rank / t.per_device_batch_size)
+    per_epoch = batches // accum + int(batches % accum > 0)
+    return max(1, math.ceil(t.epochs * per_epoch))
+
+
+def load_tokenizer(cfg: Config) -> Any:
+    from transformers import AutoTokenizer
+
+    name = cfg.model.tokenizer or cfg.model.name
+    try:
+        return AutoTokenizer.from_pretrained(name, trust_remote_code=cfg.model.trust_remote_code)
+    except OSError as e:
+        raise UserError(
+            f"Could not load the tokenizer {name!r} ({e}): check model.name / model.tokenizer."
+        ) from e
+
+
+def load_base_model(cfg: Config, data: PreparedData, tokenizer: Any) -> nn.Module:
+    import transformers as tf
+
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}[
+        cfg.model.dtype
+    ]
+    kw: dict[str, Any] = {"dtype": dtype, "trust_remote_code": cfg.model.trust_remote_code}
+    if cfg.task == "seq_cls":
+        auto = tf.AutoModelForSequenceClassification
+        labels = data.label_names or [str(i) for i in range(data.num_labels or 2)]
+        kw.update(
+            num_labels=len(labels),
+            id2label=dict(enumerate(labels)),
+            label2id={n: i for i, n in enumerate(labels)},
+        )
+    else:
+        auto = tf.AutoModelForCausalLM
+    try:
+        model = auto.from_pretrained(cfg.model.name, **kw)
+    except OSError as e:
+        raise UserError(f"Could not load the model {cfg.model.name!r} ({e}): check model.name.") from e
+    emb = model.get_input_embeddings()
+    if emb is not None and len(tokenizer) > emb.num_embeddings:
+        model.resize_token_embeddings(len(tokenizer))
+    if getattr(model.config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    if cfg.training.gradient_checkpointing and hasattr(model.config, "use_cache"):
+        model.config.use_cache = False
+    return model
+
+
+def adapt_model(cfg: Config, model: nn.Module, total_steps: int) -> nn.Module:
+    from ..methods.registry import MethodOptions, build_model
+
+    m = cfg.method
+    modules_to_save = list(m.modules_to_save or [])
+    task_type = "SEQ_CLS" if cfg.task == "seq_cls" else "CAUSAL_LM"
+    opts = MethodOptions(
+        rank=m.rank,
+        alpha=m.alpha,
+        dropout=m.dropout,
+        target_modules=m.target_modules,
+        task_type=task_type,
+        modules_to_save=modules_to_save or None,
+        total_steps=total_steps,
+        gate_bias_init=m.gate_bias_init,
+        gate_lr_multiplier=m.gate_lr_multiplier,
+        gate_bottleneck=m.gate_bottleneck,
+        gate_logit_scale=m.gate_logit_scale,
+        extra=dict(m.extra),
+    )
+    adapted = build_model(model, m.name, opts)
+    if cfg.task == "seq_cls":
+        # The classification head is new: PEFT's SEQ_CLS task type trains it and saves it with the adapter.
+        heads = [
+            p for n, p in adapted.named_parameters() if ".classifier." in f".{n}" or ".score." in f".{n}"
+        ]
+        if heads and not any(p.requires_grad for p in heads):
+            raise UserError(
+                f"method {m.name!r} leaves the new classification head frozen: add it to method.modules_to_save."
+            )
+    return adapted
+
+
+def _checkpointing_args(on: bool) -> dict[str, Any]:
+    """Gradient (activation) checkpointing; non-reentrant, which works with frozen inputs (adapters)."""
+    import inspect
+
+    from transformers import TrainingArguments
+
+    params = inspect.signature(TrainingArguments.__init__).parameters
+    name = "activation_checkpointing" if "activation_checkpointing" in params else "gradient_checkpointing"
+    if not on:
+        return {}
+    return {name: True, f"{name}_kwargs": {"use_reentrant": False}}
+
+
+def training_arguments(cfg: Config, run_dir: Path, accum: int, progress: bool) -> Any:
+    from transformers import TrainingArguments
+
+    t = cfg.training
+    save: dict[str, Any] = (
+        {"save_strategy": "steps", "save_steps": t.save_steps} if t.save_steps else {"save_strategy": "epoch"}
+    )
+    return TrainingArguments(
+        output_dir=str(run_dir),
+        per_device_train_batch_size=t.per_device_batch_size,
+        gradient_accumulation_steps=accum,
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps,
+        learning_rate=effective_lr(cfg),
+        lr_scheduler_type=t.scheduler,
+        warmup_steps=t.warmup_ratio,  # a float in [0, 1) is a ratio of the total steps
+        weight_decay=t.weight_decay,
+        adam_beta1=t.adam_beta1,
+        adam_beta2=t.adam_beta2,
+        adam_epsilon=t.adam_epsilon,
+        max_grad_norm=t.max_grad_norm,
+        bf16=resolve_bf16(t.bf16),
+        **_checkpointing_args(t.gradient_checkpointing),
+        save_total_limit=t.save_total_limit,
+        logging_steps=t.logging_steps,
+        seed=t.seed,
+        data_seed=t.seed,
+        report_to=t.report_to,
+        remove_unused_columns=False,
+        label_names=["labels"],
+        disable_tqdm=not progress,
+        dataloader_num_workers=t.dataloader_num_workers,
+        dataloader_pin_memory=torch.cuda.is_available(),
+        ddp_backend=t.ddp_backend,
+        fsdp=t.fsdp,
+        deepspeed=t.deepspeed,
+        **save,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# The run
+
+
+def run_record(cfg: Config, run_dir: Path, status: str, **extra: Any) -> dict[str, Any]:
+    return {
+        "run_id": cfg.run_id,
+        "method": cfg.method.name,
+        "rank": cfg.method.rank,
+        "seed": cfg.training.seed,
+        "model": _model_ref(cfg.model.name),
+        "task": cfg.task,
+        "status": status,
+        "config": cfg.to_dict(),
+        **extra,
+    }
+
+
+def train(
+    cfg: Config,
+    *,
+    callbacks: list[Any] | None = None,
+    store: Any | None = None,
+    progress: bool = True,
+    trainer_base: type | None = None,
+) -> TrainResult:
+    """Train one run; resume it if it was interrupted; skip it if ``run.json`` says it finished.
+
+    ``store`` (a :class:`disel.results.ResultsStore`, default the config's ``output.results``) gets one
+    ``kind="run"`` record when the run finishes (replacing any earlier one for the same run id).
+    """
+    from transformers import set_seed
+
+    run_dir = cfg.run_dir
+    main = is_main_process()
+    world = world_size()
+    info = read_run_file(run_dir)
+    if cfg.output.overwrite:
+        if main and run_dir.exists():
+            shutil.rmtree(run_dir)
+        barrier()
+        info = None
+    elif info is not None and info.get("status") == "finished":
+        log(
+            f"run {cfg.run_id} already finished in {run_dir}: skipping (set output.overwrite=true to redo it)."
+        )
+        return TrainResult(cfg.run_id, run_dir, "skipped", global_step=int(info.get("global_step") or 0))
+
+    complete = checkpoints(run_dir)
+    resume = str(complete[-1][1]) if complete else None
+    if main:
+        removed = remove_incomplete_checkpoints(run_dir)
+        for p in removed:
+            log(f"removed the incomplete checkpoint {p.name} (cut short by a crash).")
+    if resume:
+        log(f"resuming run {cfg.run_id} from {Path(resume).name}.")
+
+    set_seed(cfg.training.seed)
+    tokenizer = load_tokenizer(cfg)
+    data = prepare_data(cfg, tokenizer)
+    if data.dropped:
+        log(f"{data.dropped} example(s) dropped: nothing of the response was left within data.max_length.")
+    accum = accumulation_steps(cfg, world)
+    total = total_optimizer_steps(cfg, len(data.train), world, accum)
+    base = load_base_model(cfg, data, tokenizer)
+    set_seed(cfg.training.seed)  # the adapter's initialisation depends on the seed only
+    model = adapt_model(cfg, base, total)
+
+    cbs = list(callbacks or [])
+    if cfg.method.name == "adalora":
+        cbs.append(_adalora_callback())
+    args = training_arguments(cfg, run_dir, accum, progress)
+    trainer_cls = make_trainer_class(trainer_base)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    uses_gates = cfg.method.name == "disel"
+    trainer = trainer_cls(
+        model=model,
+        args=args,
+        train_dataset=data.train,
+        eval_dataset=data.validation,
+        data_collator=PadCollator(pad_id),
+        processing_class=tokenizer,
+        callbacks=cbs,
+        gate_lr=gate_lr(cfg) if uses_gates else None,
+    )
+    started = info.get("started") if info else None
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(
+            run_dir / RUN_FILE,
+            run_record(
+                cfg,
+                run_dir,
+                "running",
+                started=started or time.time(),
+                num_labels=data.num_labels,
+                label_names=data.label_names,
+                world_size=world,
+            ),
+        )
+    t0 = time.time()
+    out = trainer.train(resume_from_checkpoint=resume)
+    wall = time.time() - t0
+    final_tmp = run_dir / f".{FINAL_DIR}.tmp"
+    if main and final_tmp.exists():
+        shutil.rmtree(final_tmp)
+    barrier()
+    trainer.save_model(str(final_tmp))  # every rank calls it: FSDP/DeepSpeed gather the weights here
+    digest = trainable_hash(trainer.model)
+    if main:
+        tokenizer.save_pretrained(str(final_tmp))
+        final = run_dir / FINAL_DIR
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(final_tmp, final)
+        extra = dict(
+            started=started or t0,
+            num_labels=data.num_labels,
+            label_names=data.label_names,
+            world_size=world,
+            global_step=trainer.state.global_step,
+            train_loss=float(out.training_loss),
+            wall_seconds=wall,
+            resumed_from=Path(resume).name if resume else None,
+            lr=effective_lr(cfg),
+            gate_lr=gate_lr(cfg) if uses_gates else None,
+            trainable_sha256=digest,
+        )
+        atomic_write_json(run_dir / RUN_FILE, run_record(cfg, run_dir, "finished", **extra))
+        if store is None:
+            from ..results import ResultsStore
+
+            store = ResultsStore(cfg.results_path)
+        store.put(
+            "run",
+            cfg.run_id,
+            {
+                "method": cfg.method.name,
+                "rank": cfg.method.rank,
+                "seed": cfg.training.seed,
+                "run_dir": str(run_dir.resolve()),
+                "status": "finished",
+                "train_loss": float(out.training_loss),
+                "wall_seconds": wall,
+                "config": cfg.to_dict(),
+                "global_step": trainer.state.global_step,
+                "resumed_from": extra["resumed_from"],
+            },
+        )
+        log(f"run {cfg.run_id} finished: {trainer.state.global_step} steps, loss {out.training_loss:.4f}.")
+    barrier()
+    return TrainResult(
+        cfg.run_id,
+        run_dir,
+        "finished",
+        float(out.training_loss),
+        wall,
+        trainer.state.global_step,
+        Path(resume).name if resume else None,
+        trainer.model,
+    )

@@ -1,0 +1,151 @@
+"""Compaction: static (ungated) components, the plan from exact gate counts, and the saved adapter."""
+
+from __future__ import annotations
+
+import json
+
+import peft
+import pytest
+import torch
+
+import disel
+from disel.analysis import GateRecorder, add_compacted_adapter, cost_report, plan_compaction
+from disel.analysis.compact import fidelity, save_adapter
+from disel.cli import main as cli
+from disel.methods.gated_lora.layer import DiselGate
+from disel.testing import tiny_model
+
+R = 6
+# per component: b_g = -12 (always closed -> drop), +12 (always open -> fold), 0 with input-dependent W_g (keep)
+PATTERN = [-12.0, 12.0, 0.0, -12.0, 12.0, 0.0]
+
+
+def test_static_components_are_ones_and_disable_the_fast_path():
+    g = DiselGate(8, 4, num_static=3)
+    g.reset_parameters(-3.0, "kaiming")
+    assert g.weight.shape == (1, 8) and g.bias.shape == (1,)
+    out = g(torch.randn(2, 5, 8))
+    assert out.shape == (2, 5, 4)
+    assert torch.equal(out[..., :3], torch.ones(2, 5, 3))
+    assert not g.fast_path_ok() and DiselGate(8, 4).fast_path_ok()
+    with pytest.raises(ValueError, match="num_static"):
+        DiselGate(8, 4, num_static=5)
+    with pytest.raises(ValueError, match="static_rank_pattern"):
+        disel.DiselConfig(r=4, target_modules="all-linear", static_rank_pattern={"q_proj": 9})
+
+
+def _hand_set_model(seed: int = 0):
+    torch.manual_seed(seed)
+    pm = peft.get_peft_model(
+        tiny_model("llama", layers=3), disel.DiselConfig(r=R, target_modules="all-linear")
+    )
+    with torch.no_grad():
+        for name, mod in pm.named_modules():
+            if isinstance(mod, disel.DiselLinear):
+                mod.lora_B["default"].weight.normal_(0, 0.2)
+                g = mod.lora_gate["default"]
+                g.bias.copy_(torch.tensor(PATTERN))
+                for i, b in enumerate(PATTERN):
+                    if b != 0.0:
+                        g.weight[i].zero_()
+                # the last layer's up_proj never opens anything: every component is dropped there
+                if name.endswith("layers.2.mlp.up_proj"):
+                    g.weight.zero_()
+                    g.bias.fill_(-12.0)
+    return pm.eval()
+
+
+def test_plan_add_save_and_load_compacted_adapter(tmp_path):
+    pm = _hand_set_model()
+    ids = torch.randint(0, 128, (4, 12))
+    with GateRecorder(pm, thresholds=(0.02, 0.98)) as rec:
+        rec.set_mask(None)
+        pm(input_ids=ids)
+    plan = plan_compaction(rec.stats(), tau_closed=0.02, tau_open=0.98, coverage=0.99)
+    n_layers = 21
+    c = plan.counts()
+    assert c["components"] == n_layers * R and c["layers_removed"] == 1
+    assert c["folded"] == 2 * (n_layers - 1) and c["gated"] == 2 * (n_layers - 1)
+    assert c["dropped"] == 2 * (n_layers - 1) + R
+    lp = plan.layers["model.layers.0.self_attn.q_proj"]
+    assert (lp.static, lp.gated, lp.dropped) == ([1, 4], [2, 5], [0, 3])
+
+    cfg = add_compacted_adapter(pm, plan, "default", "compact")
+    assert cfg.static_rank_pattern["model.layers.0.self_attn.q_proj"] == 2
+    assert "model.layers.2.mlp.up_proj" not in cfg.target_modules
+    gate = pm.base_model.model.model.layers[0].self_attn.q_proj.lora_gate["compact"]
+    assert gate.num_static == 2 and gate.weight.shape[0] == 2
+    # fidelity: dropped gates were < 1e-5, folded ones > 1 - 1e-5
+    fid = fidelity(pm, [(ids, torch.ones_like(ids), None)], "default", "compact")
+    assert fid["max_abs_logit_diff"] < 1e-3 and abs(fid["nll_diff"]) < 1e-4
+    costs = cost_report(pm, plan)
+    assert costs["params_after"] < costs["params_before"]
+    assert costs["macs_per_token_merged_static"] < costs["macs_per_token_after"]
+
+    with GateRecorder(pm, thresholds=(0.02, 0.98)) as rec2:
+        pm(input_ids=ids)  # only the active 'default' gates run; the 'compact' ones see no token
+    assert plan_compaction(rec2.stats()).counts() == c
+    pm.set_adapter("compact")
+    with torch.no_grad():
+        want = pm(input_ids=ids).logits
+    pm.set_adapter("default")
+    out = save_adapter(pm, "compact", tmp_path / "compacted")
+    loaded_cfg = json.loads((out / "adapter_config.json").read_text())
+    assert loaded_cfg["static_rank_pattern"]["model.layers.0.self_attn.q_proj"] == 2
+    # one call loads it, and it computes what the in-memory compacted adapter computed
+    torch.manual_seed(0)
+    fresh = peft.PeftModel.from_pretrained(tiny_model("llama", layers=3), str(out)).eval()
+    with torch.no_grad():
+        got = fresh(input_ids=ids).logits
+    assert torch.allclose(got, want, atol=1e-6)
+    with pytest.raises(disel.errors.UserError, match="not empty"):
+        save_adapter(pm, "compact", tmp_path / "compacted")
+
+
+def test_plan_rejects_bad_thresholds_and_all_closed():
+    pm = _hand_set_model()
+    with GateRecorder(pm, thresholds=(0.02, 0.98)) as rec:
+        pm(input_ids=torch.randint(0, 128, (2, 5)))
+    with pytest.raises(disel.errors.UserError, match="tau_closed"):
+        plan_compaction(rec.stats(), tau_closed=0.5, tau_open=0.4)
+    with pytest.raises(ValueError, match="threshold 0.1 was not recorded"):
+        plan_compaction(rec.stats(), tau_closed=0.1, tau_open=0.98)
+    with torch.no_grad():
+        for _, g in disel.iter_gates(pm):
+            g.weight.zero_()
+            g.bias.fill_(-12.0)
+    with GateRecorder(pm, thresholds=(0.02, 0.98)) as rec:
+        pm(input_ids=torch.randint(0, 128, (2, 5)))
+    with pytest.raises(disel.errors.UserError, match="no gate of adapter 'other'"):
+        plan_compaction(rec.stats(), adapter="other")
+    with pytest.raises(disel.errors.UserError, match="every gate stayed closed"):
+        add_compacted_adapter(pm, plan_compaction(rec.stats()), "default", "compact")
+
+
+def test_compact_cli(tmp_path, capsys):
+    from disel.testing_tokenizers import tiny_tokenizer
+
+    tok = tiny_tokenizer(128)
+    base = tiny_model("llama", layers=3)
+    base.save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    pm = _hand_set_model()
+    pm.peft_config["default"].base_model_name_or_path = str(tmp_path / "base")
+    pm.save_pretrained(tmp_path / "adapter")
+    calib = tmp_path / "calib.txt"
+    calib.write_text("The quick brown fox jumps over the lazy dog. " * 20, encoding="utf-8")
+    calib2 = tmp_path / "calib2.jsonl"
+    calib2.write_text(json.dumps({"prompt": "Q: 2+2?", "response": " A: 4"}) + "\n", encoding="utf-8")
+    out = tmp_path / "out"
+    args = ["compact", str(tmp_path / "adapter"), "--calibration", str(calib), "--out", str(out)]
+    args += ["--calibration", str(calib2)]
+    assert cli([*args, "--max-sequences", "4", "--max-length", "32", "--timing-repeats", "2"]) == 0
+    rep = json.loads((out / "compaction.json").read_text())
+    n_resp = len(tok(" A: 4", add_special_tokens=False)["input_ids"])
+    assert rep["calibration_tokens"] == 4 * 31 + n_resp  # 4 windows of BOS + 31 text tokens, and a response
+    assert rep["counts"]["folded"] == 40 and rep["counts"]["layers_removed"] == 1
+    assert rep["fidelity"]["max_abs_logit_diff"] < 1e-3
+    assert set(rep["timing_s"]) == {"default", "compact", "base"} and rep["speedup_forward"] > 0
+    assert (out / "adapter_model.safetensors").exists() and (out / "tokenizer_config.json").exists()
+    assert cli(args) == 2  # --out not empty
+    assert "not an empty directory" in capsys.readouterr().err

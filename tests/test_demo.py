@@ -1,0 +1,59 @@
+"""`disel demo --quick` end to end on the shipped model: files, JSON schema, finite numbers in range."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from disel.cli import main
+from disel.experiments.demo import demo_model_dir, load_demo_model
+
+
+def test_shipped_model_is_found_and_loads_offline():
+    path = demo_model_dir()
+    assert (path / "model.safetensors").is_file()
+    model, tok = load_demo_model(path)
+    n = sum(p.numel() for p in model.parameters())
+    assert 500_000 < n < 10_000_000
+    # digits are single tokens (the arithmetic task relies on it)
+    assert len(tok("1234", add_special_tokens=False)["input_ids"]) == 4
+    assert tok.bos_token_id is not None and tok.eos_token_id is not None and tok.pad_token_id is not None
+
+
+def _finite_in(x, lo, hi):
+    return isinstance(x, int | float) and math.isfinite(x) and lo <= x <= hi
+
+
+def test_demo_quick_end_to_end(tmp_path):
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--out", str(out), "--methods", "lora,disel", "--seed", "1"]) == 0
+    for name in ("report.md", "results.json", "tradeoff.png", "gates.png"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    assert (out / "tradeoff.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    res = json.loads((out / "results.json").read_text())
+    assert set(res) >= {"base", "methods", "gates", "wall_seconds"}
+    assert _finite_in(res["base"]["retention"], 0.0, 1.0) and res["base"]["retention"] > 0
+    assert _finite_in(res["base"]["target_accuracy"], 0.0, 1.0)
+    assert set(res["methods"]) == {"lora", "disel"}
+    for name, r in res["methods"].items():
+        assert _finite_in(r["retention"], 0.0, 1.0) and r["retention"] > 0, name
+        assert _finite_in(r["target_accuracy"], 0.0, 1.0), name
+        assert r["rank"] == 8
+    assert set(res["gates"]) == {"arithmetic", "docstrings", "source"}
+    assert all(_finite_in(v, 0.0, 1.0) for v in res["gates"].values())
+    assert _finite_in(res["wall_seconds"], 0.0, 1e6) and res["wall_seconds"] > 0
+    report = (out / "report.md").read_text()
+    assert "exp(-NLL)" in report and "| lora" in report and "| disel" in report
+
+
+def test_demo_rejects_unknown_method(tmp_path, capsys):
+    assert main(["demo", "--quick", "--out", str(tmp_path / "x"), "--methods", "lora,nosuch"]) == 2
+    assert "nosuch" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("flag", [["--rank", "0"], ["--steps", "-1"], ["--methods", ","]])
+def test_demo_rejects_bad_numbers(tmp_path, flag):
+    assert main(["demo", "--quick", "--out", str(tmp_path / "y"), *flag]) == 2

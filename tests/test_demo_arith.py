@@ -1,0 +1,62 @@
+"""The arithmetic task generator: deterministic, correct answers, train/test disjoint in the facts."""
+
+from __future__ import annotations
+
+import pytest
+
+from disel.experiments.arith import ALPACA_TEMPLATE, arith_problems, encode_sft, exact_match
+
+
+def test_answers_are_correct_and_deterministic():
+    a = arith_problems("train", 200, seed=3)
+    b = arith_problems("train", 200, seed=3)
+    assert a == b
+    for p in a:
+        assert p.answer == str(p.a + p.b if p.op == "+" else p.a - p.b)
+        assert int(p.answer) >= 0
+        assert str(p.a) in p.question and str(p.b) in p.question
+        assert p.prompt.startswith(ALPACA_TEMPLATE.split("{")[0]) and p.prompt.endswith("### Response:\n")
+    assert arith_problems("train", 50, seed=4) != arith_problems("train", 50, seed=3)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_train_and_test_facts_are_disjoint(seed):
+    train = {(p.op, p.a, p.b) for p in arith_problems("train", 3000, seed=seed)}
+    test = {(p.op, p.a, p.b) for p in arith_problems("test", 200, seed=seed)}
+    assert train and test
+    assert not train & test
+    assert len(test) > 50  # the test set cycles through distinct facts
+
+
+def test_bad_split_and_range():
+    with pytest.raises(ValueError, match="split"):
+        arith_problems("dev", 3)
+    with pytest.raises(ValueError, match="max_value"):
+        arith_problems("train", 3, max_value=1)
+
+
+class _CharTok:
+    """A character tokenizer: enough to check where the labels start."""
+
+    bos_token_id, eos_token_id = 1, 2
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [3 + ord(c) % 50 for c in text]}
+
+
+def test_encode_sft_puts_loss_on_the_response_only():
+    p = arith_problems("train", 1, seed=0)[0]
+    (row,) = encode_sft([p], _CharTok(), max_length=1000)
+    n_prompt = 1 + len(p.prompt)
+    assert len(row["input_ids"]) == len(row["labels"]) == n_prompt + len(p.answer) + 1
+    assert row["labels"][:n_prompt] == [-100] * n_prompt
+    assert row["labels"][n_prompt:] == row["input_ids"][n_prompt:]
+    assert row["labels"][-1] == _CharTok.eos_token_id
+
+
+def test_exact_match_is_strict():
+    assert exact_match(" 19", "19")
+    assert exact_match("19.", "19")
+    assert not exact_match("190", "19")
+    assert not exact_match("1 9", "19")
+    assert not exact_match("", "19")

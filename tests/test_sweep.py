@@ -1,0 +1,189 @@
+"""`disel sweep`: grid expansion, skipping finished runs, the evaluation hook, and surviving SIGKILL."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import yaml
+
+from disel.errors import UserError
+from disel.experiments.sweep import expand_grid, run_sweep
+from disel.results import ResultsStore
+from disel.training.config import config_from_dict
+
+
+def _base(tmp_path: Path, model: str = "m", data: str = "x.jsonl") -> dict:
+    return {
+        "model": {"name": model},
+        "method": {"name": "disel", "rank": 2},
+        "data": {"format": "instruction", "train": data, "max_length": 48},
+        "training": {
+            "max_steps": 6,
+            "per_device_batch_size": 4,
+            "save_steps": 2,
+            "logging_steps": 1,
+            "lr": 1e-3,
+        },
+        "output": {"dir": str(tmp_path / "runs")},
+    }
+
+
+def test_expand_grid_ids_and_values(tmp_path):
+    cfg = config_from_dict(
+        {
+            **_base(tmp_path),
+            "grid": {"method": ["lora", "disel"], "method_options.rank": [2, 4], "training.lr": [1e-3]},
+        }
+    )
+    runs = expand_grid(cfg)
+    assert [r.run_id for r in runs] == [
+        "lora-r2-s0-lr0.001",
+        "lora-r4-s0-lr0.001",
+        "disel-r2-s0-lr0.001",
+        "disel-r4-s0-lr0.001",
+    ]
+    assert runs[1].method.rank == 4 and runs[2].method.name == "disel" and runs[3].grid is None
+    assert runs[0].run_dir == tmp_path / "runs" / "lora-r2-s0-lr0.001"
+    with pytest.raises(UserError, match=r"grid point .*method\.rank=0"):
+        expand_grid(config_from_dict({**_base(tmp_path), "grid": {"rank": [0]}}))
+    with pytest.raises(UserError, match="Unknown key 'training.lrr'"):
+        expand_grid(config_from_dict({**_base(tmp_path), "grid": {"training.lrr": [1]}}))
+
+
+def test_sweep_skips_finished_runs_and_evaluates_each_once(tmp_path):
+    cfg = config_from_dict({**_base(tmp_path), "grid": {"seed": [0, 1, 2]}, "eval": {"suite": "toy"}})
+    trained, evaluated = [], []
+
+    def fake_train(rc, store, progress):
+        trained.append(rc.run_id)
+        store.put("run", rc.run_id, {"status": "finished", "method": rc.method.name, "rank": rc.method.rank})
+
+    def fake_eval(run_dir, spec, store):
+        evaluated.append((Path(run_dir).name, spec["suite"]))
+        store.add("eval", Path(run_dir).name, {"target_score": 1.0})
+
+    s = run_sweep(cfg, progress=False, evaluate=fake_eval, train_fn=fake_train)
+    assert trained == ["disel-r2-s0", "disel-r2-s1", "disel-r2-s2"] and len(s.evaluated) == 3
+    assert evaluated == [(r, "toy") for r in trained]
+    s2 = run_sweep(cfg, progress=False, evaluate=fake_eval, train_fn=fake_train)
+    assert len(trained) == 3 and len(evaluated) == 3 and s2.skipped == trained
+    # Without the evaluation module the sweep goes on and says why.
+    cfg2 = config_from_dict({**_base(tmp_path / "b"), "grid": {"seed": [0]}, "eval": {"suite": "toy"}})
+    import disel.evaluation as ev
+
+    if not hasattr(ev, "evaluate_run"):
+        s3 = run_sweep(cfg2, progress=False, train_fn=fake_train)
+        assert s3.eval_skipped_reason and "evaluate_run" in s3.eval_skipped_reason
+
+
+# A sweep launched in a subprocess that SIGKILLs itself right after the 2nd run's checkpoint-4 is saved (a
+# deterministic point in the middle of a run). Steps are forced onto one thread to keep the test quick.
+_KILLER = textwrap.dedent(
+    """
+    import os, signal, sys
+    import torch
+    from transformers import TrainerCallback
+    from disel.experiments.sweep import run_sweep
+    from disel.training.config import load_config
+    from disel.training.runner import train
+
+    torch.set_num_threads(1)
+
+    class Kill(TrainerCallback):
+        def on_save(self, args, state, control, **kw):
+            if state.global_step == 4:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    def train_fn(rc, **kw):
+        cbs = [Kill()] if rc.run_id == sys.argv[2] else []
+        return train(rc, callbacks=cbs, **kw)
+
+    run_sweep(load_config(sys.argv[1]), progress=False, train_fn=train_fn)
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    from disel.testing import tiny_model
+    from disel.testing_tokenizers import tiny_tokenizer
+
+    root = tmp_path_factory.mktemp("sweep-assets")
+    tok = tiny_tokenizer(128)
+    tiny_model("llama", vocab_size=len(tok)).save_pretrained(root / "llama")
+    tok.save_pretrained(root / "llama")
+    with open(root / "inst.jsonl", "w") as f:
+        for i in range(24):
+            f.write(json.dumps({"instruction": f"Add {i} and {i}.", "output": f"It is {2 * i}."}) + "\n")
+    return root
+
+
+def test_sweep_survives_sigkill_mid_run(tmp_path, assets):
+    cfg = {**_base(tmp_path, str(assets / "llama"), str(assets / "inst.jsonl"))}
+    cfg["grid"] = {"method": ["lora", "disel"], "seed": [0]}
+    cfg["method"]["name"] = "lora"
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    script = tmp_path / "killer.py"
+    script.write_text(_KILLER)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    runs = tmp_path / "runs"
+
+    first = subprocess.run(
+        [sys.executable, str(script), str(path), "disel-r2-s0"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert first.returncode == -signal.SIGKILL, first.stderr[-2000:]
+    store = ResultsStore(runs)
+    before = store.records(kind="run")
+    assert [r["run_id"] for r in before] == ["lora-r2-s0"]  # the finished run is recorded, the killed one not
+    killed = runs / "disel-r2-s0"
+    assert json.loads((killed / "run.json").read_text())["status"] == "running"
+    assert (killed / "checkpoint-4" / "trainer_state.json").is_file() and not (killed / "final").exists()
+    lora_final = (runs / "lora-r2-s0" / "final" / "adapter_model.safetensors").stat().st_mtime_ns
+
+    second = subprocess.run(
+        [sys.executable, "-m", "disel.cli", "sweep", str(path), "--no-progress"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "resuming run disel-r2-s0 from checkpoint-4" in second.stderr
+    assert "2 runs, 1 trained now, 1 already finished" in second.stdout
+    after = ResultsStore(runs).records(kind="run")
+    assert sorted(r["run_id"] for r in after) == ["disel-r2-s0", "lora-r2-s0"]  # each exactly once
+    assert after[0]["id"] == before[0]["id"]  # the finished run was not redone ...
+    assert (runs / "lora-r2-s0" / "final" / "adapter_model.safetensors").stat().st_mtime_ns == lora_final
+    resumed = next(r for r in after if r["run_id"] == "disel-r2-s0")
+    assert (
+        resumed["resumed_from"] == "checkpoint-4" and resumed["global_step"] == 6
+    )  # ... the killed one resumed
+    state = json.loads((killed / "checkpoint-6" / "trainer_state.json").read_text())
+    assert state["global_step"] == 6
+    # The resumed run ends where an uninterrupted run of the same config ends.
+    from disel.training.runner import train
+
+    info = json.loads((killed / "run.json").read_text())
+    clean_cfg = config_from_dict({**info["config"], "output": {"dir": str(tmp_path / "clean")}})
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        clean = train(clean_cfg, progress=False, store=ResultsStore(tmp_path / "clean"))
+    finally:
+        torch.set_num_threads(n)
+    clean_info = json.loads((clean.run_dir / "run.json").read_text())
+    assert clean_info["trainable_sha256"] == info["trainable_sha256"]
