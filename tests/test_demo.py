@@ -54,6 +54,8 @@ def test_demo_rejects_unknown_method(tmp_path, capsys):
     assert not (tmp_path / "x").exists()
 
 
-@pytest.mark.parametrize("flag", [["--rank", "0"], ["--steps", "-1"], ["--methods", ","]])
+@pytest.mark.parametrize(
+    "flag", [["--rank", "0"], ["--steps", "-1"], ["--methods", ","], ["--lr", "0"], ["--max-value", "1"]]
+)
 def test_demo_rejects_bad_numbers(tmp_path, flag):
     assert main(["demo", "--quick", "--out", str(tmp_path / "y"), *flag]) == 2

@@ -312,3 +312,59 @@ def test_regularizers_are_added_to_the_loss(tmp_path, assets):
         METHODS.pop("test-lora-reg", None)
     assert len(calls) == 2  # once per training step (batch 4, no accumulation)
     assert reg.train_loss - plain.train_loss == pytest.approx(10.0, abs=1e-3)
+
+
+def test_data_methods_get_calibration_and_resume_with_saved_curvature(tmp_path, assets):
+    """LaLoRA reads method.calibration at build time; its curvature travels with each checkpoint."""
+    from disel.training.runner import train
+
+    method = {
+        "name": "disel+lalora",
+        "rank": 2,
+        "calibration": "stdlib:docstrings",
+        "calibration_samples": 8,
+        "calibration_max_length": 32,
+        "extra": {"lalora": {"lam": 1.0, "curvature": "diag"}},
+    }
+    cfg = config_from_dict(_cfg(assets, tmp_path, method=method, training={"max_steps": 2, "save_steps": 1}))
+    res = train(cfg, progress=False)
+    assert res.status == "finished"
+    assert (res.run_dir / "checkpoint-1" / "lalora_curvature.safetensors").is_file()
+
+    bad = config_from_dict(_cfg(assets, tmp_path / "bad", method={**method, "calibration": "stdlib:nothing"}))
+    with pytest.raises(UserError, match="stdlib:nothing"):
+        train(bad, progress=False)
+
+
+def test_queryable_trains_through_the_pipeline(tmp_path, assets):
+    from disel.training.runner import train
+
+    cfg = config_from_dict(_cfg(assets, tmp_path, method={"name": "queryable", "rank": 2}))
+    res = train(cfg, progress=False)
+    assert res.status == "finished"
+    saved = json.loads((res.run_dir / "final" / "adapter_config.json").read_text())
+    assert saved["peft_type"] == "QUERYABLE"
+
+
+def test_corda_run_exports_plain_lora_for_the_original_base(tmp_path, assets):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from disel.evaluation.loading import run_checkpoints
+    from disel.training.runner import train
+
+    method = {
+        "name": "corda",
+        "rank": 2,
+        "calibration": "stdlib:docstrings",
+        "calibration_samples": 16,
+        "calibration_max_length": 48,
+        "extra": {"corda": {"mode": "ipm", "cache_dir": str(tmp_path / "cov")}},
+    }
+    cfg = config_from_dict(_cfg(assets, tmp_path, method=method, training={"max_steps": 2, "save_steps": 1}))
+    res = train(cfg, progress=False)
+    assert res.status == "finished"
+    paths = dict(run_checkpoints(res.run_dir))
+    assert paths[None].name == "original_base_lora" and paths[1].name == "original_base_lora"
+    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(assets / "llama"), paths[None])
+    assert loaded.peft_config["default"].peft_type == "LORA"

@@ -16,6 +16,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--rank", type=int, default=None, help="Adapter rank shared by every method (default 8).")
     p.add_argument("--steps", type=int, default=None, help="Fine-tuning steps per method.")
+    p.add_argument("--lr", type=float, default=None, help="Learning rate of the adapters (default 5e-3).")
+    p.add_argument("--gate-bias-init", type=float, default=None, help="DISeL gate bias at init (default -3).")
+    p.add_argument(
+        "--gate-lr-multiplier", type=float, default=None, help="DISeL gate LR / adapter LR (default 5)."
+    )
+    p.add_argument(
+        "--max-value", type=int, default=None, help="Largest operand of the word problems (default 9)."
+    )
     p.add_argument("--seed", type=int, default=0, help="Seed for data, adapter init and batch order.")
     p.add_argument("--quick", action="store_true", help="A tiny version for CI (about a minute).")
     p.add_argument("--model", default=None, help="A local causal LM directory instead of the shipped model.")
@@ -37,6 +45,14 @@ def run(args: argparse.Namespace) -> int:
         if args.steps < 1:
             raise UserError(f"--steps {args.steps} is invalid: use a positive integer such as 150.")
         over["steps"] = args.steps
+    for key in ("lr", "gate_bias_init", "gate_lr_multiplier", "max_value"):
+        value = getattr(args, key)
+        if value is not None:
+            if key in ("lr", "gate_lr_multiplier") and value <= 0:
+                raise UserError(f"--{key.replace('_', '-')} {value} is invalid: use a positive number.")
+            if key == "max_value" and value < 2:
+                raise UserError(f"--max-value {value} is too small: use 2 or more, e.g. 9.")
+            over[key] = value
     cfg = DemoConfig.quick(**over) if args.quick else DemoConfig(**over)
     run_demo(cfg, args.out)
     return 0

@@ -20,9 +20,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from ..experiments.toy import DEFAULT_SWEEP, ToyConfig
 
     d = ToyConfig()
-    p.add_argument("--seed", type=int, default=d.seed, help=f"Seed of problem, data and inits (default {d.seed}).")
+    p.add_argument(
+        "--task",
+        choices=["gated", "nonlinear"],
+        default="gated",
+        help="'gated' (default): the paper's section-2 regression. 'nonlinear': the Queryable LoRA paper's noisy "
+        "non-linear regression, LoRA vs DISeL vs Queryable LoRA at equal trainable parameters (uses --seed, "
+        "--out, --json).",
+    )
+    p.add_argument(
+        "--seed", type=int, default=d.seed, help=f"Seed of problem, data and inits (default {d.seed})."
+    )
     p.add_argument("--out", type=Path, default=None, help="Write toy.json and toy.png (or toy_sweep.*) here.")
-    p.add_argument("--json", action="store_true", help="Print one JSON object on stdout instead of the table.")
+    p.add_argument(
+        "--json", action="store_true", help="Print one JSON object on stdout instead of the table."
+    )
     p.add_argument(
         "--separation",
         type=float,
@@ -33,7 +45,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out-dim", type=int, default=d.out_dim, help=f"Output dimension (default {d.out_dim}).")
     p.add_argument("--rank", type=int, default=d.rank, help=f"rank(Δ) = LoRA/DISeL rank (default {d.rank}).")
     p.add_argument(
-        "--samples", type=int, default=d.samples, help=f"Training inputs per population (default {d.samples})."
+        "--samples",
+        type=int,
+        default=d.samples,
+        help=f"Training inputs per population (default {d.samples}).",
     )
     p.add_argument(
         "--eval-samples",
@@ -43,12 +58,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--steps", type=int, default=d.steps, help=f"Full-batch AdamW steps (default {d.steps}).")
     p.add_argument("--lr", type=float, default=d.lr, help=f"Learning rate of the weights (default {d.lr:g}).")
-    p.add_argument("--gate-lr", type=float, default=d.gate_lr, help=f"Gate learning rate (default {d.gate_lr:g}).")
+    p.add_argument(
+        "--gate-lr", type=float, default=d.gate_lr, help=f"Gate learning rate (default {d.gate_lr:g})."
+    )
     p.add_argument(
         "--gate-bias-init",
         type=float,
         default=d.gate_bias_init,
         help=f"Initial DISeL gate bias (default {d.gate_bias_init:g}).",
+    )
+    p.add_argument(
+        "--gate-delay",
+        type=float,
+        default=d.gate_delay,
+        help=f"Fraction of the steps before the gates start to learn (default {d.gate_delay:g}).",
     )
     p.add_argument(
         "--covariance",
@@ -86,6 +109,7 @@ def _config(args: argparse.Namespace):
         lr=args.lr,
         gate_lr=args.gate_lr,
         gate_bias_init=args.gate_bias_init,
+        gate_delay=args.gate_delay,
         covariance=args.covariance,
         mirror=not args.no_mirror,
         seed=args.seed,
@@ -96,7 +120,9 @@ def _parse_separations(text: str) -> list[float]:
     try:
         values = [float(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise UserError(f"--sweep {text!r} is not a comma-separated list of numbers: pass e.g. --sweep 1,2,3.")
+        raise UserError(
+            f"--sweep {text!r} is not a comma-separated list of numbers: pass e.g. --sweep 1,2,3."
+        ) from None
     if not values:
         raise UserError("--sweep got no separations: pass e.g. --sweep 1,2,3.")
     return values
@@ -113,6 +139,8 @@ def run(args: argparse.Namespace) -> int:
     from ..experiments import toy
     from ..utils.io import atomic_write_json, atomic_write_text
 
+    if args.task == "nonlinear":
+        return _run_nonlinear(args)
     cfg = _config(args)
     _check_out(args.out)
     t0 = time.perf_counter()
@@ -151,4 +179,31 @@ def run(args: argparse.Namespace) -> int:
                 + ", ".join(f"{c:.3f}" for c in g["cosine_w"])
             )
     print(f"disel toy: done in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    return 0
+
+
+def _run_nonlinear(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..experiments import nonlinear
+    from ..utils.io import atomic_write_json, atomic_write_text
+
+    _check_out(args.out)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matmuls: one thread is fastest and keeps runs bit-identical
+    try:
+        result = nonlinear.run_nonlinear(nonlinear.NonlinearConfig(seed=args.seed), progress=not args.json)
+    finally:
+        torch.set_num_threads(threads)
+    wall = result.pop("wall_seconds")
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        result["figure"] = str(nonlinear.plot(result, args.out / "nonlinear.png"))
+        atomic_write_json(args.out / "nonlinear.json", result)
+        atomic_write_text(args.out / "nonlinear.md", nonlinear.format_table(result) + "\n")
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(nonlinear.format_table(result))
+    print(f"wall time {wall:.1f} s", file=sys.stderr)
     return 0

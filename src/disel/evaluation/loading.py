@@ -123,7 +123,9 @@ def run_checkpoints(run_dir: str | Path) -> list[tuple[int | None, Path]]:
     out.sort(key=lambda x: x[0] or 0)
     if (d / "final").is_dir():
         out.append((None, d / "final"))
-    return out
+    # CorDA runs keep, beside each native adapter (for the residual base), a plain LoRA export for the
+    # original base model: that is the one to evaluate.
+    return [(step, p / "original_base_lora" if (p / "original_base_lora").is_dir() else p) for step, p in out]
 
 
 def is_run_dir(path: str | Path) -> bool:

@@ -44,16 +44,16 @@ class DemoConfig:
     methods: list[str] = field(default_factory=lambda: ["lora", "disel"])
     rank: int = 8
     seed: int = 0
-    steps: int = 150
+    steps: int = 200
     batch_size: int = 16
-    lr: float = 2e-3
+    lr: float = 5e-3
     lr_full: float = 3e-4  # full fine-tuning moves every weight: a smaller step, as usual
     warmup_steps: int = 10
     weight_decay: float = 0.0
     gate_bias_init: float = -3.0
     gate_lr_multiplier: float = 5.0
     target_modules: str | list[str] = "all-linear"
-    max_value: int = 20  # operands of the word problems
+    max_value: int = 9  # operands of the word problems (0-9: answers 0-18)
     n_test: int = 100
     n_retention: int = 48  # held-out texts per pretraining domain
     retention_max_tokens: int = 128

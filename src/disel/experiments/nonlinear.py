@@ -34,6 +34,7 @@ class NonlinearConfig:
     train_samples: int = 2000
     test_samples: int = 4000
     noise: float = 0.1
+    correction: float = 15.0  # size of each region's rank-2 change of the middle layer (times 1/hidden)
     budget_rank: int = 4  # the parameter budget is LoRA's at this rank
     steps: int = 600
     lr: float = 1e-2
@@ -43,7 +44,16 @@ class NonlinearConfig:
     top_k: int = 2
 
     def __post_init__(self) -> None:
-        for name in ("dim", "hidden", "regions", "train_samples", "test_samples", "budget_rank", "steps", "seeds"):
+        for name in (
+            "dim",
+            "hidden",
+            "regions",
+            "train_samples",
+            "test_samples",
+            "budget_rank",
+            "steps",
+            "seeds",
+        ):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise UserError(f"{name}={v!r} is invalid: use a positive integer.")
@@ -70,7 +80,9 @@ def _task(cfg: NonlinearConfig, seed: int) -> dict[str, Any]:
     f0 = MLP(cfg.dim, cfg.hidden)
     dirs = torch.randn(cfg.regions, cfg.dim, generator=g)
     deltas = [
-        torch.randn(cfg.hidden, 2, generator=g) @ torch.randn(2, cfg.hidden, generator=g) * (1.5 / cfg.hidden)
+        torch.randn(cfg.hidden, 2, generator=g)
+        @ torch.randn(2, cfg.hidden, generator=g)
+        * (cfg.correction / cfg.hidden)
         for _ in range(cfg.regions)
     ]
 
@@ -221,3 +233,34 @@ def format_table(result: dict[str, Any]) -> str:
             f"{m['test_mse_std']:.4f} | {m['train_loss_std_tail']:.2e} |"
         )
     return "\n".join(lines)
+
+
+def plot(result: dict[str, Any], path: str | Any) -> Any:
+    """Bar chart of test MSE (mean ± std over seeds) per method, with the base model's MSE as a line."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ..utils.io import atomic_write_bytes
+
+    names = list(result["methods"])
+    means = [result["methods"][n]["test_mse_mean"] for n in names]
+    stds = [result["methods"][n]["test_mse_std"] for n in names]
+    labels = [
+        f"{n}\nr={result['methods'][n]['rank']}, {result['methods'][n]['trainable_params']} params"
+        for n in names
+    ]
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    ax.bar(labels, means, yerr=stds, capsize=4, color=["tab:blue", "tab:orange", "tab:green"][: len(names)])
+    ax.axhline(result["base_test_mse"], color="gray", ls="--", label="base model (no fine-tuning)")
+    ax.set_ylabel("clean test MSE")
+    ax.set_title("Noisy non-linear regression at equal trainable parameters")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    plt.close(fig)
+    return atomic_write_bytes(path, buf.getvalue())

@@ -52,6 +52,13 @@ class MethodConfig:
     gate_bottleneck: int | None = None
     gate_logit_scale: bool = False
     extra: dict[str, Any] = field(default_factory=dict)  # per-method settings, e.g. {adalora: {...}}
+    # Calibration / source-domain text for methods that need data at build time (LaLoRA's curvature,
+    # CorDA's covariance): a local text/JSON/JSONL/CSV/parquet file (field `text`), a `datasets` name, or
+    # `stdlib:docstrings` / `stdlib:source` (held-out standard-library text, offline).
+    calibration: str | None = None
+    calibration_samples: int = 64
+    calibration_max_length: int = 256
+    calibration_batch_size: int = 4
 
 
 @dataclass

@@ -19,6 +19,7 @@ import re
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,7 @@ from torch import nn
 from ..errors import UserError
 from ..utils.io import atomic_write_json, read_json
 from .config import Config, effective_lr, gate_lr
-from .data import PadCollator, PreparedData, prepare_data
+from .data import PadCollator, PreparedData, ensure_pad_token, prepare_data, read_rows
 from .distributed import barrier, is_main_process, trainable_hash, world_size
 from .optim import with_disel_optimizer
 
@@ -149,6 +150,29 @@ def _adalora_callback() -> Any:
     return AdaLoraAllocation()
 
 
+CORDA_EXPORT_DIR = "original_base_lora"
+
+
+def _corda_export_callback(model: nn.Module) -> Any:
+    """CorDA rewrites the base weights to a residual, so its native checkpoints only load onto that residual.
+
+    Beside each checkpoint this writes ``original_base_lora/``: the same update as a plain LoRA adapter for
+    the ORIGINAL base model (what evaluation loads); the native adapter stays for resuming.
+    """
+    from transformers import TrainerCallback
+
+    from ..methods.corda import export_to_lora
+
+    class _Export(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):  # type: ignore[override]
+            if state.is_world_process_zero:
+                ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+                if ckpt.is_dir():
+                    export_to_lora(model, ckpt / CORDA_EXPORT_DIR)
+
+    return _Export()
+
+
 def resolve_bf16(setting: bool | str) -> bool:
     available = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     if setting == "auto":
@@ -229,7 +253,57 @@ def load_base_model(cfg: Config, data: PreparedData, tokenizer: Any) -> nn.Modul
     return model
 
 
-def adapt_model(cfg: Config, model: nn.Module, total_steps: int) -> nn.Module:
+def calibration_texts(source: str, n: int) -> list[str]:
+    """Raw texts of a calibration source (see ``MethodConfig.calibration``)."""
+    if source.startswith("stdlib:"):
+        from ..data import stdlib_docstrings, stdlib_source_chunks
+
+        kind = source.split(":", 1)[1]
+        if kind not in ("docstrings", "source"):
+            raise UserError(
+                f"method.calibration={source!r} is invalid: use stdlib:docstrings, stdlib:source or a data path."
+            )
+        texts = stdlib_docstrings("heldout") if kind == "docstrings" else stdlib_source_chunks("heldout")
+        return texts[:n]
+    path = Path(source)
+    if path.suffix.lower() in (".txt", ".md", ".py") and path.is_file():
+        blocks = [b.strip() for b in path.read_text(encoding="utf-8").split("\n\n")]
+        texts = [b for b in blocks if b]
+    else:
+        rows = read_rows(source, max_rows=n)
+        texts = []
+        for row in rows:
+            value = row.data.get("text")
+            if not isinstance(value, str):
+                raise UserError(f"{row.where} has no text field 'text' for method.calibration.")
+            texts.append(value)
+    if not texts:
+        raise UserError(f"method.calibration={source!r} holds no text: point it at a file with text rows.")
+    return texts[:n]
+
+
+def calibration_batches(cfg: Config, tokenizer: Any) -> Callable[[], list[dict[str, torch.Tensor]]]:
+    """A zero-argument callable giving model-ready padded batches of the calibration text."""
+    m = cfg.method
+
+    def make() -> list[dict[str, torch.Tensor]]:
+        texts = calibration_texts(str(m.calibration), m.calibration_samples)
+        ensure_pad_token(tokenizer)
+        examples = []
+        for t in texts:
+            ids = tokenizer(t, truncation=True, max_length=m.calibration_max_length)["input_ids"]
+            if len(ids) >= 2:
+                examples.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": list(ids)})
+        if not examples:
+            raise UserError(f"method.calibration={m.calibration!r} gave no text of two or more tokens.")
+        collate = PadCollator(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
+        bs = m.calibration_batch_size
+        return [collate(examples[i : i + bs]) for i in range(0, len(examples), bs)]
+
+    return make
+
+
+def adapt_model(cfg: Config, model: nn.Module, total_steps: int, tokenizer: Any = None) -> nn.Module:
     from ..methods.registry import MethodOptions, build_model
 
     m = cfg.method
@@ -248,6 +322,7 @@ def adapt_model(cfg: Config, model: nn.Module, total_steps: int) -> nn.Module:
         gate_bottleneck=m.gate_bottleneck,
         gate_logit_scale=m.gate_logit_scale,
         extra=dict(m.extra),
+        calibration=calibration_batches(cfg, tokenizer) if m.calibration and tokenizer is not None else None,
     )
     adapted = build_model(model, m.name, opts)
     if cfg.task == "seq_cls":
@@ -381,11 +456,23 @@ def train(
     total = total_optimizer_steps(cfg, len(data.train), world, accum)
     base = load_base_model(cfg, data, tokenizer)
     set_seed(cfg.training.seed)  # the adapter's initialisation depends on the seed only
-    model = adapt_model(cfg, base, total)
+    if resume and "lalora" in cfg.method.name and (Path(resume) / "lalora_curvature.safetensors").exists():
+        # resume with the curvature (and theta0) saved beside the checkpoint instead of re-estimating it
+        lalora_opts = dict(cfg.method.extra.get("lalora") or {})
+        lalora_opts["curvature_dir"] = resume
+        cfg.method.extra = {**cfg.method.extra, "lalora": lalora_opts}
+    model = adapt_model(cfg, base, total, tokenizer)
 
     cbs = list(callbacks or [])
     if cfg.method.name == "adalora":
         cbs.append(_adalora_callback())
+    if "lalora" in cfg.method.name:
+        from ..methods.lalora import checkpoint_callback
+
+        cbs.append(checkpoint_callback())  # the curvature travels with every checkpoint
+    is_corda = cfg.method.name in ("corda", "corda++")
+    if is_corda:
+        cbs.append(_corda_export_callback(model))
     args = training_arguments(cfg, run_dir, accum, progress)
     trainer_cls = make_trainer_class(trainer_base)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -424,6 +511,10 @@ def train(
     barrier()
     trainer.save_model(str(final_tmp))  # every rank calls it: FSDP/DeepSpeed gather the weights here
     digest = trainable_hash(trainer.model)
+    if main and is_corda:
+        from ..methods.corda import export_to_lora
+
+        export_to_lora(trainer.model, final_tmp / CORDA_EXPORT_DIR)
     if main:
         tokenizer.save_pretrained(str(final_tmp))
         final = run_dir / FINAL_DIR
