@@ -16,8 +16,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--rank", type=int, default=None, help="Adapter rank shared by every method (default 8).")
     p.add_argument("--steps", type=int, default=None, help="Fine-tuning steps per method.")
-    p.add_argument("--lr", type=float, default=None, help="Learning rate of the adapters (default 5e-3).")
-    p.add_argument("--gate-bias-init", type=float, default=None, help="DISeL gate bias at init (default -3).")
+    p.add_argument("--lr", type=float, default=None, help="Learning rate of the adapters (default 1e-3).")
+    p.add_argument("--gate-bias-init", type=float, default=None, help="DISeL gate bias at init (default -5).")
     p.add_argument(
         "--gate-lr-multiplier", type=float, default=None, help="DISeL gate LR / adapter LR (default 5)."
     )

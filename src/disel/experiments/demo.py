@@ -46,11 +46,11 @@ class DemoConfig:
     seed: int = 0
     steps: int = 200
     batch_size: int = 16
-    lr: float = 5e-3
+    lr: float = 1e-3
     lr_full: float = 3e-4  # full fine-tuning moves every weight: a smaller step, as usual
     warmup_steps: int = 10
     weight_decay: float = 0.0
-    gate_bias_init: float = -3.0
+    gate_bias_init: float = -5.0  # the paper advises -5 to -7 for small data sets
     gate_lr_multiplier: float = 5.0
     target_modules: str | list[str] = "all-linear"
     max_value: int = 9  # operands of the word problems (0-9: answers 0-18)
