@@ -43,6 +43,8 @@ def test_demo_quick_end_to_end(tmp_path):
         assert r["rank"] == 8
     assert set(res["gates"]) == {"arithmetic", "docstrings", "source"}
     assert all(_finite_in(v, 0.0, 1.0) for v in res["gates"].values())
+    assert set(res["gate_auroc"]) == {"docstrings", "source"}
+    assert all(_finite_in(v, 0.0, 1.0) for v in res["gate_auroc"].values())
     assert _finite_in(res["wall_seconds"], 0.0, 1e6) and res["wall_seconds"] > 0
     report = (out / "report.md").read_text()
     assert "exp(-NLL)" in report and "| lora" in report and "| disel" in report

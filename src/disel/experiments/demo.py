@@ -9,13 +9,12 @@ the ``DiselGate`` modules.
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import math
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -172,34 +171,18 @@ def retention(model: nn.Module, tok: Any, texts: dict[str, list[str]], max_token
     }
 
 
-@contextlib.contextmanager
-def record_gates(model: nn.Module) -> Iterator[list[torch.Tensor]]:
-    """Collect every DiselGate's output (post-sigmoid values, shape (..., r)) while the block runs."""
-    store: list[torch.Tensor] = []
-    handles = [
-        m.register_forward_hook(lambda _m, _i, out: store.append(out.detach()))
-        for m in model.modules()
-        if isinstance(m, DiselGate)
-    ]
-    try:
-        yield store
-    finally:
-        for h in handles:
-            h.remove()
+def gate_stats(model: nn.Module, tok: Any, texts: dict[str, list[str]], max_tokens: int) -> dict[str, Any]:
+    """Gate statistics per domain (every token of each text), with disel.analysis's streaming recorder."""
+    from ..analysis.api import pad_id, record_gates
+    from ..analysis.domains import Item, encode_items
 
-
-@torch.no_grad()
-def gate_values(model: nn.Module, tok: Any, texts: list[str], max_tokens: int) -> torch.Tensor:
-    """All gate values (every gate, component and real token; padding excluded) on ``texts``, flattened."""
-    values = []
-    for text in texts:  # one text per forward: no padding to mask out
-        ids = [tok.bos_token_id, *tok(text, add_special_tokens=False)["input_ids"]][:max_tokens]
-        with record_gates(model) as store:
-            model(input_ids=torch.tensor([ids]))
-        values += [g.reshape(-1).float() for g in store]
-    if not values:
+    if not any(isinstance(m, DiselGate) for m in model.modules()):
         raise UserError("The model has no DISeL gates to record; record gates only for the 'disel' method.")
-    return torch.cat(values)
+    out = {}
+    for domain, domain_texts in texts.items():
+        enc = encode_items(tok, [Item(t) for t in domain_texts], max_tokens, len(domain_texts))
+        out[domain] = record_gates(model, enc, pad_id(tok), batch_size=8, bins=40, desc=domain)
+    return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -229,7 +212,8 @@ def run_demo(cfg: DemoConfig, out_dir: str | Path, log: Callable[[str], None] = 
     test = arith_problems("test", cfg.n_test, cfg.seed, cfg.max_value)
     log(f"[demo] loading held-out stdlib text ({cfg.n_retention} texts per domain)")
     held = retention_texts(cfg.n_retention)
-    gate_texts = {"arithmetic": [p.prompt for p in test[: cfg.n_gate_texts]]}
+    # Gates are read on every token: the arithmetic prompt and answer, and the raw held-out text.
+    gate_texts = {"arithmetic": [p.prompt + p.answer for p in test[: cfg.n_gate_texts]]}
     gate_texts.update({d: t[: cfg.n_gate_texts] for d, t in held.items()})
 
     log("[demo] evaluating the base model")
@@ -240,7 +224,7 @@ def run_demo(cfg: DemoConfig, out_dir: str | Path, log: Callable[[str], None] = 
     log(f"[demo] base: accuracy {base['target_accuracy']:.3f}, retention {base['retention']:.4f}")
 
     methods: dict[str, dict[str, Any]] = {}
-    gate_samples: dict[str, torch.Tensor] = {}
+    gate_samples: dict[str, Any] = {}
     for name in cfg.methods:
         t_m = time.time()
         torch.manual_seed(cfg.seed)
@@ -274,9 +258,7 @@ def run_demo(cfg: DemoConfig, out_dir: str | Path, log: Callable[[str], None] = 
             "seconds": round(time.time() - t_m, 1),
         }
         if any(isinstance(m, DiselGate) for m in model.modules()) and name == "disel":
-            gate_samples = {
-                d: gate_values(model, tok, texts, cfg.retention_max_tokens) for d, texts in gate_texts.items()
-            }
+            gate_samples = gate_stats(model, tok, gate_texts, cfg.retention_max_tokens)
         log(
             f"[demo] {name}: accuracy {acc:.3f}, retention {ret['score']:.4f} "
             f"(base {base['retention']:.4f}), {methods[name]['seconds']}s"
@@ -285,7 +267,8 @@ def run_demo(cfg: DemoConfig, out_dir: str | Path, log: Callable[[str], None] = 
     results = {
         "base": {**base, **base_detail},
         "methods": methods,
-        "gates": {d: float(v.mean()) for d, v in gate_samples.items()},
+        "gates": {d: float(st.group()["mean"]) for d, st in gate_samples.items()},
+        "gate_auroc": _gate_auroc(gate_samples),
         "wall_seconds": round(time.time() - t0, 1),
         "retention_score": RETENTION_SCORE,
         "config": asdict(cfg),
@@ -310,7 +293,16 @@ def _png(fig: Any) -> bytes:
     return buf.getvalue()
 
 
-def write_report(results: dict[str, Any], gate_samples: dict[str, torch.Tensor], out: Path) -> None:
+def _gate_auroc(stats: dict[str, Any]) -> dict[str, float]:
+    """AUROC of the per-sequence gate score (mean gate over middle/late layers), arithmetic vs each domain."""
+    if "arithmetic" not in stats:
+        return {}
+    from ..analysis.api import domain_report
+
+    return domain_report(stats, target="arithmetic")["auroc"]["mid_late"]
+
+
+def write_report(results: dict[str, Any], gate_samples: dict[str, Any], out: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -334,17 +326,10 @@ def write_report(results: dict[str, Any], gate_samples: dict[str, torch.Tensor],
     files = ["tradeoff.png"]
     if gate_samples:
         fig, ax = plt.subplots(figsize=(5.5, 4))
-        bins = torch.linspace(0, 1, 41).tolist()
-        for d, v in gate_samples.items():
-            w = torch.full_like(v, 1.0 / len(v))
-            ax.hist(
-                v.numpy(),
-                bins=bins,
-                weights=w.numpy(),
-                histtype="step",
-                lw=1.6,
-                label=f"{d} (mean {v.mean():.3f})",
-            )
+        for d, st in gate_samples.items():
+            g = st.group()
+            edges = torch.linspace(0, 1, st.bins + 1).tolist()
+            ax.stairs(g["hist"], edges, lw=1.6, label=f"{d} (mean {g['mean']:.3f})")
         ax.set_yscale("log")
         ax.set_xlabel("DISeL gate value sigmoid(W_g x + b_g)")
         ax.set_ylabel("fraction of (token, gate) values")
@@ -385,12 +370,18 @@ def write_report(results: dict[str, Any], gate_samples: dict[str, torch.Tensor],
         lines += [
             "## DISeL gates by domain",
             "",
-            "Mean post-sigmoid gate value over every gate, rank-one component and token (recorded with forward "
-            "hooks on the `DiselGate` modules):",
+            "Mean post-sigmoid gate value over every gate, rank-one component and token (recorded with "
+            "`disel.analysis.GateRecorder`), and the AUROC of the per-sequence gate score (mean gate over the "
+            "middle and late layers) for telling arithmetic from each domain:",
             "",
-            "| domain | mean gate |",
-            "|---|---|",
-            *[f"| {d} | {v:.4f} |" for d, v in results["gates"].items()],
+            "| domain | mean gate | AUROC arithmetic vs domain |",
+            "|---|---|---|",
+            *[
+                f"| {d} | {v:.4f} | "
+                + (f"{results['gate_auroc'][d]:.3f}" if d in results["gate_auroc"] else "–")
+                + " |"
+                for d, v in results["gates"].items()
+            ],
             "",
             "![gates](gates.png)",
             "",
