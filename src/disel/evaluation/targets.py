@@ -86,13 +86,18 @@ def matthews_corrcoef(y_true: Sequence[int], y_pred: Sequence[int]) -> float:
     return cov_ytyp / denom if denom else 0.0
 
 
-def read_jsonl(path: str | Path, required: Sequence[str]) -> list[dict[str, Any]]:
-    """Records of a local JSONL file, each checked to have the ``required`` keys."""
+def read_jsonl(
+    path: str | Path, required: Sequence[str], what: str = "Target data file"
+) -> list[dict[str, Any]]:
+    """Records of a local JSONL file (``.gz`` too), each checked to be an object with the ``required`` keys."""
+    import gzip
+
     p = Path(path)
     if not p.exists():
-        raise UserError(f"Target data file {p} does not exist: pass an existing JSONL file.")
+        raise UserError(f"{what} {p} does not exist: pass an existing JSONL file.")
     out = []
-    with open(p, encoding="utf-8") as f:
+    opener = gzip.open if p.suffix == ".gz" else open
+    with opener(p, "rt", encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -100,14 +105,14 @@ def read_jsonl(path: str | Path, required: Sequence[str]) -> list[dict[str, Any]
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
                 raise UserError(f"{p}:{n} is not valid JSON ({e.msg}): write one object per line.") from e
-            missing = [k for k in required if k not in rec]
+            missing = [k for k in required if not isinstance(rec, dict) or k not in rec]
             if missing:
                 raise UserError(
                     f"{p}:{n} lacks {', '.join(missing)}: every line needs {', '.join(required)}."
                 )
             out.append(rec)
     if not out:
-        raise UserError(f"Target data file {p} is empty: add at least one JSON line.")
+        raise UserError(f"{what} {p} is empty: add at least one JSON line.")
     return out
 
 

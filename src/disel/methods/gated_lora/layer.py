@@ -16,6 +16,7 @@ from peft.tuners.lora import layer as lora_layer
 from peft.tuners.lora.layer import LoraLayer, LoraVariant
 from torch import nn
 
+from .._input_dependent import NonMergeableVariant
 from . import kernels
 from .config import DiselConfig
 
@@ -122,11 +123,10 @@ def gated_delta(
     return lora_B(down * gate(x)) * scaling
 
 
-class DiselLinearVariant(LoraVariant):
+class DiselLinearVariant(NonMergeableVariant):
     """Plugs the gate into PEFT's LoRA ``Linear`` forward, mixed-batch forward and merge paths."""
 
-    def supports_lora_conversion(self) -> bool:
-        return False
+    merge_error = MERGE_ERROR
 
     @staticmethod
     def init(module: LoraLayer, adapter_name: str, config: DiselConfig | None = None, **kwargs: Any) -> None:
@@ -142,18 +142,6 @@ class DiselLinearVariant(LoraVariant):
         )
         gate.reset_parameters(config.gate_bias_init, config.gate_weight_init)
         module.lora_gate[adapter_name] = gate.to(device=lora_A.weight.device, dtype=lora_A.weight.dtype)
-
-    @staticmethod
-    def merge_safe(module: LoraLayer, active_adapter: str, orig_weight: torch.Tensor) -> torch.Tensor:
-        raise TypeError(MERGE_ERROR)
-
-    @staticmethod
-    def merge_unsafe(module: LoraLayer, active_adapter: str, orig_weight: torch.Tensor) -> None:
-        raise TypeError(MERGE_ERROR)
-
-    @staticmethod
-    def unmerge(module: LoraLayer, active_adapter: str, orig_weight: torch.Tensor) -> torch.Tensor:
-        raise TypeError(MERGE_ERROR)
 
     @staticmethod
     def forward(

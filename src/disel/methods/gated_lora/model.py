@@ -6,10 +6,9 @@ from typing import Any
 
 import torch
 from peft.tuners.lora import LoraModel
-from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
+from .._input_dependent import create_linear_layer
 from .config import PEFT_TYPE, DiselConfig
 from .layer import MERGE_ERROR, DiselGate, DiselLinear
 
@@ -23,22 +22,8 @@ class DiselModel(LoraModel):
     prefix: str = "lora_"
 
     @staticmethod
-    def _create_new_module(lora_config: DiselConfig, adapter_name: str, target: nn.Module, **kwargs: Any):
-        base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
-        kwargs.pop("parameter_name", None)
-        if isinstance(base, nn.Linear):
-            lora_config.fan_in_fan_out = False
-            return DiselLinear(target, adapter_name, config=lora_config, **kwargs)
-        if isinstance(base, Conv1D):
-            lora_config.fan_in_fan_out = True
-            return DiselLinear(
-                target, adapter_name, config=lora_config, is_target_conv_1d_layer=True, **kwargs
-            )
-        raise ValueError(
-            f"DISeL cannot adapt {type(base).__name__} modules (matched by target_modules); it adapts "
-            "torch.nn.Linear and transformers' Conv1D. Narrow target_modules or list the module in "
-            "exclude_modules."
-        )
+    def _create_new_module(config: Any, adapter_name: str, target: nn.Module, **kwargs: Any):
+        return create_linear_layer(DiselLinear, "DISeL", config, adapter_name, target, **kwargs)
 
     def _check_new_adapter_config(self, config: DiselConfig) -> None:
         if not isinstance(config, DiselConfig):

@@ -12,6 +12,8 @@ from peft.tuners.lora import layer as lora_layer
 from peft.tuners.lora.layer import LoraLayer, LoraVariant
 from torch import nn
 
+from .._input_dependent import NonMergeableVariant
+
 MERGE_ERROR = (
     "Queryable LoRA adapters cannot be merged: the routed operator depends on each input, so there is no fixed "
     "weight update to add; keep the adapter unmerged."
@@ -96,9 +98,8 @@ def routed_delta(module: QueryableLinear, adapter: str, x: torch.Tensor) -> torc
     return module.lora_B[adapter](routed) * module.scaling[adapter]
 
 
-class QueryableVariant(LoraVariant):
-    def supports_lora_conversion(self) -> bool:
-        return False
+class QueryableVariant(NonMergeableVariant):
+    merge_error = MERGE_ERROR
 
     @staticmethod
     def init(module: LoraLayer, adapter_name: str, config: Any = None, **kwargs: Any) -> None:
@@ -115,18 +116,6 @@ class QueryableVariant(LoraVariant):
             float(config.atom_init_noise),
         )
         module.lora_memory[adapter_name] = memory.to(device=lora_A.weight.device, dtype=lora_A.weight.dtype)
-
-    @staticmethod
-    def merge_safe(module: LoraLayer, active_adapter: str, orig_weight: torch.Tensor) -> torch.Tensor:
-        raise TypeError(MERGE_ERROR)
-
-    @staticmethod
-    def merge_unsafe(module: LoraLayer, active_adapter: str, orig_weight: torch.Tensor) -> None:
-        raise TypeError(MERGE_ERROR)
-
-    @staticmethod
-    def unmerge(module: LoraLayer, active_adapter: str, orig_weight: torch.Tensor) -> torch.Tensor:
-        raise TypeError(MERGE_ERROR)
 
     @staticmethod
     def forward(

@@ -9,10 +9,9 @@ from typing import Any
 
 import torch
 from peft.tuners.lora import LoraModel
-from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
+from .._input_dependent import create_linear_layer
 from .config import PEFT_TYPE, QueryableConfig
 from .layer import MERGE_ERROR, AtomMemory, QueryableLinear, RoutingContext
 
@@ -34,21 +33,8 @@ class QueryableModel(LoraModel):
         self.model.register_forward_pre_hook(lambda *_: self._routing_ctx.reset())
 
     @staticmethod
-    def _create_new_module(config: QueryableConfig, adapter_name: str, target: nn.Module, **kwargs: Any):
-        base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
-        kwargs.pop("parameter_name", None)
-        if isinstance(base, nn.Linear):
-            config.fan_in_fan_out = False
-            return QueryableLinear(target, adapter_name, config=config, **kwargs)
-        if isinstance(base, Conv1D):
-            config.fan_in_fan_out = True
-            return QueryableLinear(
-                target, adapter_name, config=config, is_target_conv_1d_layer=True, **kwargs
-            )
-        raise ValueError(
-            f"Queryable LoRA cannot adapt {type(base).__name__} modules; it adapts torch.nn.Linear and "
-            "transformers' Conv1D. Narrow target_modules."
-        )
+    def _create_new_module(config: Any, adapter_name: str, target: nn.Module, **kwargs: Any):
+        return create_linear_layer(QueryableLinear, "Queryable LoRA", config, adapter_name, target, **kwargs)
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> None:
         super().inject_adapter(model, adapter_name, *args, **kwargs)
