@@ -60,3 +60,23 @@ def test_exact_match_is_strict():
     assert not exact_match("190", "19")
     assert not exact_match("1 9", "19")
     assert not exact_match("", "19")
+
+
+def test_wording_holdout_uses_unseen_wording_over_the_same_facts():
+    from disel.experiments.arith import TEST_ITEMS, TEST_NAMES
+
+    train = arith_problems("train", 600, seed=0, max_value=9, holdout="wording")
+    test = arith_problems("test", 200, seed=0, max_value=9, holdout="wording")
+    for p in train:
+        assert not any(w in p.question for w in (*TEST_NAMES, *TEST_ITEMS)), p.question
+    for p in test:
+        assert any(i in p.question for i in TEST_ITEMS), p.question
+    # the last template of each operation ("There are ..." / "There were ...") is test-only
+    assert all(p.question.startswith(("There are", "There were")) for p in test)
+    assert not any(p.question.startswith(("There are", "There were")) for p in train)
+    # ... over facts that training covers
+    train_facts = {(p.op, p.a, p.b) for p in train}
+    assert {(p.op, p.a, p.b) for p in test} <= train_facts
+    assert all(str(p.a + p.b if p.op == "+" else p.a - p.b) == p.answer for p in test)
+    with pytest.raises(ValueError, match="holdout='names'"):
+        arith_problems("test", 1, holdout="names")

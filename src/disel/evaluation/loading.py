@@ -86,6 +86,10 @@ def load_model(
             model = peft.PeftModel.from_pretrained(_auto_class(task).from_pretrained(base, **extra), str(p))
         model.eval()
         return model, tokenizer or load_tokenizer(p, base), {"kind": "adapter", "base": base, "task": task}
+    if not p.exists() and (str(path).startswith((".", "/", "~")) or str(path).count("/") > 1):
+        raise UserError(
+            f"{path} does not exist: pass a model or adapter directory, or a hub id like org/name."
+        )
     if p.exists() and not (p / "config.json").exists():
         raise UserError(
             f"{p} holds neither adapter_config.json nor config.json: pass a model or adapter dir."

@@ -1,8 +1,13 @@
 """Arithmetic word problems with exact answers: a fine-tuning task a small stdlib-pretrained LM cannot do.
 
 Problems are templated English sentences ("Tom has 12 apples and buys 7 more. How many apples does Tom
-have?" -> "19"), deterministic for a seed. Train and test are disjoint in the arithmetic fact
-(operation, a, b), not only in wording, so test accuracy measures arithmetic rather than recall.
+have?" -> "19"), deterministic for a seed. Two ways to hold out a test set:
+
+- ``holdout="wording"`` (the demo's default): test problems use sentence templates, names and objects that
+  never occur in training, over the same arithmetic facts; accuracy measures whether the model learned to
+  read a new word problem and answer it, which a few-million-parameter model can do after a short fine-tune.
+- ``holdout="fact"``: test facts (operation, a, b) never occur in training, so accuracy measures arithmetic
+  generalisation; a tiny model stays near chance there, which makes accuracy too noisy to compare methods.
 Prompts use the Alpaca instruction template; the loss is on the response tokens only.
 """
 
@@ -20,6 +25,9 @@ ALPACA_TEMPLATE = (
 
 NAMES = ("Tom", "Anna", "Ben", "Lucy", "Sam", "Mia", "Leo", "Emma", "Max", "Zoe", "Omar", "Ivy")
 ITEMS = ("apples", "books", "coins", "pencils", "cards", "stamps", "marbles", "shells", "stickers", "cookies")
+# With holdout="wording" the last template of each operation, these names and these objects are test-only.
+TEST_NAMES = ("Omar", "Ivy", "Zoe")
+TEST_ITEMS = ("stickers", "cookies")
 
 _ADD = (
     "{n} has {a} {i} and buys {b} more. How many {i} does {n} have?",
@@ -57,18 +65,33 @@ def _is_test(fact: tuple[str, int, int], seed: int, test_fraction: float) -> boo
     return int(h, 16) / 0xFFFFFFFF < test_fraction
 
 
-def _render(fact: tuple[str, int, int], rng: random.Random) -> Problem:
+def _render(fact: tuple[str, int, int], rng: random.Random, wording: str = "any") -> Problem:
+    """``wording``: "any" (every template/name/object), "train" (no test-only ones) or "test" (only those)."""
     op, a, b = fact
-    n, m = rng.sample(NAMES, 2)
-    template = rng.choice(_ADD if op == "+" else _SUB)
-    q = template.format(n=n, m=m, i=rng.choice(ITEMS), a=a, b=b)
+    templates = _ADD if op == "+" else _SUB
+    names, items = list(NAMES), list(ITEMS)
+    if wording == "train":
+        templates = templates[:-1]
+        names = [x for x in NAMES if x not in TEST_NAMES]
+        items = [x for x in ITEMS if x not in TEST_ITEMS]
+    elif wording == "test":
+        templates = templates[-1:]
+        items = list(TEST_ITEMS)
+    n = rng.choice(TEST_NAMES) if wording == "test" else rng.choice(names)
+    m = rng.choice([x for x in names if x != n])
+    q = rng.choice(templates).format(n=n, m=m, i=rng.choice(items), a=a, b=b)
     return Problem(q, str(a + b if op == "+" else a - b), op, a, b)
 
 
 def arith_problems(
-    split: str, n: int, seed: int = 0, max_value: int = 20, test_fraction: float = 0.2
+    split: str,
+    n: int,
+    seed: int = 0,
+    max_value: int = 20,
+    test_fraction: float = 0.2,
+    holdout: str = "fact",
 ) -> list[Problem]:
-    """``n`` problems of ``split`` ("train" or "test"); train and test facts are disjoint for a seed.
+    """``n`` problems of ``split`` ("train" or "test"), held out by ``holdout`` ("fact" or "wording").
 
     Train problems are sampled with replacement from the train facts (with fresh wording); test problems
     cycle through the shuffled test facts, so a small test set covers distinct facts.
@@ -77,14 +100,21 @@ def arith_problems(
         raise ValueError(f"split={split!r} is invalid: use 'train' or 'test'.")
     if max_value < 2:
         raise ValueError(f"max_value={max_value!r} is too small: use 2 or more.")
-    facts = [f for f in _facts(max_value) if _is_test(f, seed, test_fraction) == (split == "test")]
-    rng = random.Random(f"{seed}:{split}")
+    if holdout not in ("fact", "wording"):
+        raise ValueError(f"holdout={holdout!r} is invalid: use 'fact' or 'wording'.")
+    if holdout == "fact":
+        facts = [f for f in _facts(max_value) if _is_test(f, seed, test_fraction) == (split == "test")]
+        wording = "any"
+    else:
+        facts = _facts(max_value)
+        wording = split
+    rng = random.Random(f"{seed}:{split}:{holdout}")
     if split == "test":
         rng.shuffle(facts)
         chosen = [facts[i % len(facts)] for i in range(n)]
     else:
         chosen = [rng.choice(facts) for _ in range(n)]
-    return [_render(f, rng) for f in chosen]
+    return [_render(f, rng, wording) for f in chosen]
 
 
 def encode_sft(problems: list[Problem], tokenizer: Any, max_length: int = 128) -> list[dict[str, list[int]]]:

@@ -53,6 +53,9 @@ class DemoConfig:
     gate_lr_multiplier: float = 5.0
     target_modules: str | list[str] = "all-linear"
     max_value: int = 9  # operands of the word problems (0-9: answers 0-18)
+    holdout: str = (
+        "wording"  # test problems: unseen templates/names/objects ("wording") or unseen facts ("fact")
+    )
     n_test: int = 100
     n_retention: int = 48  # held-out texts per pretraining domain
     retention_max_tokens: int = 128
@@ -208,8 +211,9 @@ def run_demo(cfg: DemoConfig, out_dir: str | Path, log: Callable[[str], None] = 
             f"--model {model_dir} is not a model directory: pass a folder made by save_pretrained."
         )
     _, tok = load_demo_model(model_dir)
-    train = encode_sft(arith_problems("train", cfg.steps * cfg.batch_size, cfg.seed, cfg.max_value), tok)
-    test = arith_problems("test", cfg.n_test, cfg.seed, cfg.max_value)
+    n_train = cfg.steps * cfg.batch_size
+    train = encode_sft(arith_problems("train", n_train, cfg.seed, cfg.max_value, holdout=cfg.holdout), tok)
+    test = arith_problems("test", cfg.n_test, cfg.seed, cfg.max_value, holdout=cfg.holdout)
     log(f"[demo] loading held-out stdlib text ({cfg.n_retention} texts per domain)")
     held = retention_texts(cfg.n_retention)
     # Gates are read on every token: the arithmetic prompt and answer, and the raw held-out text.
@@ -345,7 +349,13 @@ def write_report(results: dict[str, Any], gate_samples: dict[str, Any], out: Pat
         "",
         "The shipped stdlib-pretrained model "
         f"({results['model'].get('parameters', 0) / 1e6:.2f}M parameters) was fine-tuned on arithmetic word "
-        f"problems (operands 0-{cfg['max_value']}, test facts unseen in training) for {cfg['steps']} steps of "
+        f"problems (operands 0-{cfg['max_value']}; "
+        + (
+            "test problems worded with templates, names and objects unseen in training"
+            if cfg.get("holdout", "fact") == "wording"
+            else "test facts unseen in training"
+        )
+        + f") for {cfg['steps']} steps of "
         f"{cfg['batch_size']} examples, rank {cfg['rank']}, seed {cfg['seed']}.",
         "",
         f"- Target: exact-match accuracy of greedy answers on {cfg['n_test']} test problems.",
