@@ -80,3 +80,15 @@ def test_wording_holdout_uses_unseen_wording_over_the_same_facts():
     assert all(str(p.a + p.b if p.op == "+" else p.a - p.b) == p.answer for p in test)
     with pytest.raises(ValueError, match="holdout='names'"):
         arith_problems("test", 1, holdout="names")
+
+
+def test_short_style_problems():
+    test = arith_problems("test", 50, seed=0, max_value=9, holdout="wording", style="short")
+    train = arith_problems("train", 300, seed=0, max_value=9, holdout="wording", style="short")
+    assert all(len(p.question) < 60 for p in test + train)
+    # the last template of each operation is test-only
+    assert all(p.question.endswith("How many now?") for p in test)
+    assert not any(p.question.endswith("How many now?") for p in train)
+    assert all(str(p.a + p.b if p.op == "+" else p.a - p.b) == p.answer for p in test + train)
+    with pytest.raises(ValueError, match="style='long'"):
+        arith_problems("test", 1, style="long")

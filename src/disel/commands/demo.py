@@ -25,10 +25,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--max-value", type=int, default=None, help="Largest operand of the word problems (default 9)."
     )
     p.add_argument(
+        "--style",
+        choices=["word", "short", "count"],
+        default=None,
+        help="Word problems (default), short ones ('What is 7 plus 5?') or counting (one up / one down).",
+    )
+    p.add_argument(
         "--holdout",
         choices=["wording", "fact"],
         default=None,
-        help="Test problems use unseen wording over trained facts (default) or unseen arithmetic facts.",
+        help="Test problems use unseen arithmetic facts (default) or unseen wording over trained facts.",
     )
     p.add_argument("--seed", type=int, default=0, help="Seed for data, adapter init and batch order.")
     p.add_argument("--quick", action="store_true", help="A tiny version for CI (about a minute).")
@@ -51,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
         if args.steps < 1:
             raise UserError(f"--steps {args.steps} is invalid: use a positive integer such as 150.")
         over["steps"] = args.steps
-    for key in ("lr", "gate_bias_init", "gate_lr_multiplier", "max_value", "holdout"):
+    for key in ("lr", "gate_bias_init", "gate_lr_multiplier", "max_value", "holdout", "style"):
         value = getattr(args, key)
         if value is not None:
             if key in ("lr", "gate_lr_multiplier") and value <= 0:

@@ -34,6 +34,21 @@ _ADD = (
     "{n} had {a} {i}. {m} gave {n} {b} more {i}. How many {i} does {n} have now?",
     "There are {a} {i} in a box and {b} {i} on the table. How many {i} are there in total?",
 )
+# Short problems: the numbers and the operation in a few words (the demo's default: a few-million-parameter
+# model learns these in a short fine-tune, while the longer word problems stay near chance).
+_ADD_SHORT = ("What is {a} plus {b}?", "Add {a} and {b}.", "{n} has {a} {i} and gets {b} more. How many now?")
+_SUB_SHORT = ("What is {a} minus {b}?", "Take {b} from {a}.", "{n} has {a} {i} and loses {b}. How many now?")
+# Counting problems: one up or one down (facts with b = 1), the easiest arithmetic to learn.
+_ADD_COUNT = (
+    "What number comes after {a}?",
+    "Count one up from {a}.",
+    "{n} had {a} {i} and found one more. How many?",
+)
+_SUB_COUNT = (
+    "What number comes before {a}?",
+    "Count one down from {a}.",
+    "{n} had {a} {i} and lost one. How many?",
+)
 _SUB = (
     "{n} has {a} {i} and gives {b} to {m}. How many {i} does {n} have left?",
     "{n} had {a} {i} and lost {b} of them. How many {i} does {n} have now?",
@@ -65,10 +80,17 @@ def _is_test(fact: tuple[str, int, int], seed: int, test_fraction: float) -> boo
     return int(h, 16) / 0xFFFFFFFF < test_fraction
 
 
-def _render(fact: tuple[str, int, int], rng: random.Random, wording: str = "any") -> Problem:
+def _render(
+    fact: tuple[str, int, int], rng: random.Random, wording: str = "any", style: str = "word"
+) -> Problem:
     """``wording``: "any" (every template/name/object), "train" (no test-only ones) or "test" (only those)."""
     op, a, b = fact
-    templates = _ADD if op == "+" else _SUB
+    if style == "short":
+        templates = _ADD_SHORT if op == "+" else _SUB_SHORT
+    elif style == "count":
+        templates = _ADD_COUNT if op == "+" else _SUB_COUNT
+    else:
+        templates = _ADD if op == "+" else _SUB
     names, items = list(NAMES), list(ITEMS)
     if wording == "train":
         templates = templates[:-1]
@@ -90,6 +112,7 @@ def arith_problems(
     max_value: int = 20,
     test_fraction: float = 0.2,
     holdout: str = "fact",
+    style: str = "word",
 ) -> list[Problem]:
     """``n`` problems of ``split`` ("train" or "test"), held out by ``holdout`` ("fact" or "wording").
 
@@ -100,13 +123,18 @@ def arith_problems(
         raise ValueError(f"split={split!r} is invalid: use 'train' or 'test'.")
     if max_value < 2:
         raise ValueError(f"max_value={max_value!r} is too small: use 2 or more.")
+    if style not in ("word", "short", "count"):
+        raise ValueError(f"style={style!r} is invalid: use 'word', 'short' or 'count'.")
     if holdout not in ("fact", "wording"):
         raise ValueError(f"holdout={holdout!r} is invalid: use 'fact' or 'wording'.")
+    all_facts = _facts(max_value)
+    if style == "count":
+        all_facts = [f for f in all_facts if f[2] == 1]
     if holdout == "fact":
-        facts = [f for f in _facts(max_value) if _is_test(f, seed, test_fraction) == (split == "test")]
+        facts = [f for f in all_facts if _is_test(f, seed, test_fraction) == (split == "test")]
         wording = "any"
     else:
-        facts = _facts(max_value)
+        facts = all_facts
         wording = split
     rng = random.Random(f"{seed}:{split}:{holdout}")
     if split == "test":
@@ -114,7 +142,7 @@ def arith_problems(
         chosen = [facts[i % len(facts)] for i in range(n)]
     else:
         chosen = [rng.choice(facts) for _ in range(n)]
-    return [_render(f, rng, wording) for f in chosen]
+    return [_render(f, rng, wording, style) for f in chosen]
 
 
 def encode_sft(problems: list[Problem], tokenizer: Any, max_length: int = 128) -> list[dict[str, list[int]]]:

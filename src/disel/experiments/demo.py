@@ -53,9 +53,10 @@ class DemoConfig:
     gate_lr_multiplier: float = 5.0
     target_modules: str | list[str] = "all-linear"
     max_value: int = 9  # operands of the word problems (0-9: answers 0-18)
-    holdout: str = (
-        "wording"  # test problems: unseen templates/names/objects ("wording") or unseen facts ("fact")
-    )
+    # "word" problems ("Tom has 6 apples and buys 3 more..."), "short" ("What is 6 plus 3?") or "count" (a +/- 1)
+    style: str = "word"
+    # test problems: unseen arithmetic facts ("fact") or unseen templates/names/objects ("wording")
+    holdout: str = "fact"
     n_test: int = 100
     n_retention: int = 48  # held-out texts per pretraining domain
     retention_max_tokens: int = 128
@@ -212,8 +213,10 @@ def run_demo(cfg: DemoConfig, out_dir: str | Path, log: Callable[[str], None] = 
         )
     _, tok = load_demo_model(model_dir)
     n_train = cfg.steps * cfg.batch_size
-    train = encode_sft(arith_problems("train", n_train, cfg.seed, cfg.max_value, holdout=cfg.holdout), tok)
-    test = arith_problems("test", cfg.n_test, cfg.seed, cfg.max_value, holdout=cfg.holdout)
+    train = encode_sft(
+        arith_problems("train", n_train, cfg.seed, cfg.max_value, holdout=cfg.holdout, style=cfg.style), tok
+    )
+    test = arith_problems("test", cfg.n_test, cfg.seed, cfg.max_value, holdout=cfg.holdout, style=cfg.style)
     log(f"[demo] loading held-out stdlib text ({cfg.n_retention} texts per domain)")
     held = retention_texts(cfg.n_retention)
     # Gates are read on every token: the arithmetic prompt and answer, and the raw held-out text.
