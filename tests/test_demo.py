@@ -61,3 +61,15 @@ def test_demo_rejects_unknown_method(tmp_path, capsys):
 )
 def test_demo_rejects_bad_numbers(tmp_path, flag):
     assert main(["demo", "--quick", "--out", str(tmp_path / "y"), *flag]) == 2
+
+
+def test_demo_runs_the_data_reading_and_routed_methods(tmp_path):
+    """LaLoRA and CorDA read pretraining-domain calibration text at build time; Queryable LoRA routes."""
+
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--out", str(out), "--methods", "lalora,corda,queryable"]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert set(res["methods"]) == {"lalora", "corda", "queryable"}
+    for name, r in res["methods"].items():
+        assert 0.0 < r["retention"] <= 1.0 and r["trainable_parameters"] > 0, name
+    assert res["gates"] == {}  # no DISeL adapter among them: no gate histogram

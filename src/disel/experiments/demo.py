@@ -61,6 +61,7 @@ class DemoConfig:
     n_retention: int = 48  # held-out texts per pretraining domain
     retention_max_tokens: int = 128
     n_gate_texts: int = 32  # texts per domain for the gate histogram
+    n_calibration: int = 32  # pretraining texts for methods that read data at build time (lalora, corda)
     threads: int | None = 1  # one thread: tiny matmuls gain little from more, and shared cores lose a lot
     model: str | None = None  # a local model directory instead of the shipped one
 
@@ -175,6 +176,19 @@ def retention(model: nn.Module, tok: Any, texts: dict[str, list[str]], max_token
     }
 
 
+def calibration_batches(tok: Any, cfg: DemoConfig) -> list[dict[str, torch.Tensor]]:
+    """Batches of pretraining-domain text (stdlib *train* split, not the held-out retention texts)."""
+    from ..data import stdlib_docstrings, stdlib_source_chunks
+
+    half = max(1, cfg.n_calibration // 2)
+    texts = stdlib_docstrings("train")[:half] + stdlib_source_chunks("train")[:half]
+    rows = []
+    for t in texts:
+        ids = [tok.bos_token_id, *tok(t, add_special_tokens=False)["input_ids"]][: cfg.retention_max_tokens]
+        rows.append({"input_ids": ids, "labels": list(ids)})
+    return [_collate(rows[i : i + 8], tok.pad_token_id) for i in range(0, len(rows), 8)]
+
+
 def gate_stats(model: nn.Module, tok: Any, texts: dict[str, list[str]], max_tokens: int) -> dict[str, Any]:
     """Gate statistics per domain (every token of each text), with disel.analysis's streaming recorder."""
     from ..analysis.api import pad_id, record_gates
@@ -245,6 +259,9 @@ def run_demo(cfg: DemoConfig, out_dir: str | Path, log: Callable[[str], None] = 
             total_steps=cfg.steps,
             gate_bias_init=cfg.gate_bias_init,
             gate_lr_multiplier=cfg.gate_lr_multiplier,
+            # methods that read data at build time (LaLoRA's curvature, CorDA's covariance) see the
+            # pretraining domains: the knowledge to keep
+            calibration=lambda: calibration_batches(tok, cfg),
         )
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         lr = cfg.lr_full if name == "full" else cfg.lr
