@@ -11,6 +11,7 @@ import importlib
 import importlib.util
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 
 from .errors import UserError
@@ -70,6 +71,10 @@ def _version() -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    # transformers 5.x warns about its own renamed APIs when PEFT calls them; nothing a user can act on
+    warnings.filterwarnings(
+        "ignore", message=".*is deprecated and will be removed in v6.*", category=FutureWarning
+    )
     selected = next((a for a in argv if not a.startswith("-")), None)
     parser = build_parser(selected)
     args = parser.parse_args(argv)
