@@ -175,3 +175,25 @@ def test_registry_and_bad_config():
     model.eval()
     with pytest.raises(ValueError, match="mixed batches"):
         model(IDS, adapter_names=["default"] * 3)
+
+
+def test_routing_usage_per_domain_and_plot(tmp_path):
+    from disel.methods.queryable import plot_routing, routing_usage
+    from disel.testing_tokenizers import tiny_tokenizer
+
+    tok = tiny_tokenizer(128)
+    model = qmodel(num_atoms=4, top_k=2)
+    randomize(model)
+    with torch.no_grad():  # make routing depend strongly on the input
+        model.base_model.memory().query.weight.normal_(0, 5.0)
+    usage = routing_usage(
+        model, tok, {"code": ["def f(x):\n    return x + 1"], "prose": ["The cat sat on it."]}
+    )
+    assert set(usage) == {"code", "prose"}
+    for blocks in usage.values():
+        assert set(blocks) == {0, 1}
+        for weights in blocks.values():
+            assert len(weights) == 4 and abs(sum(weights) - 1.0) < 1e-6
+            assert sum(w > 0 for w in weights) <= 2  # one text: at most top_k atoms used
+    png = plot_routing(usage, tmp_path / "routing.png")
+    assert png.read_bytes()[:4] == b"\x89PNG"

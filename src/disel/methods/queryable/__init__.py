@@ -6,6 +6,7 @@ from torch import nn
 
 from ..registry import MethodOptions, register_method
 from .config import PEFT_TYPE, QueryableConfig
+from .diagnostics import plot_routing, routing_usage
 from .layer import AtomMemory, QueryableLinear, RoutingContext
 from .model import QueryableModel, instruction_prior, layer_index, record_routing, register
 
@@ -33,6 +34,8 @@ __all__ = [
     "RoutingContext",
     "instruction_prior",
     "layer_index",
+    "plot_routing",
     "record_routing",
+    "routing_usage",
     "register",
 ]
