@@ -137,7 +137,7 @@ def run(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
     from ..experiments import toy
-    from ..utils.io import atomic_write_json, atomic_write_text
+    from ..utils.io import atomic_write_json
 
     if args.task == "nonlinear":
         return _run_nonlinear(args)
@@ -163,15 +163,8 @@ def run(args: argparse.Namespace) -> int:
                 print("| " + " | ".join(f"{row[c]:.4g}" for c in cols) + " |")
     else:
         result = toy.run_toy(cfg, progress=True)
-        if args.out is not None:
-            args.out.mkdir(parents=True, exist_ok=True)
-            result["figure"] = str(toy.plot_bars(result, args.out / "toy.png"))
-            atomic_write_json(args.out / "toy.json", result)
-            atomic_write_text(args.out / "toy.md", toy.format_table(result) + "\n")
-        if args.json:
-            print(json.dumps(result, indent=2))
-        else:
-            print(toy.format_table(result))
+        _emit(args, result, "toy", toy.plot_bars, toy.format_table)
+        if not args.json:
             g = result["gates"]
             print(
                 f"\nDISeL gates vs Bayes gate p(FT|x) on fresh inputs: Pearson {g['pearson_mean']:.4f} "
@@ -186,7 +179,6 @@ def _run_nonlinear(args: argparse.Namespace) -> int:
     import torch
 
     from ..experiments import nonlinear
-    from ..utils.io import atomic_write_json, atomic_write_text
 
     _check_out(args.out)
     threads = torch.get_num_threads()
@@ -196,14 +188,18 @@ def _run_nonlinear(args: argparse.Namespace) -> int:
     finally:
         torch.set_num_threads(threads)
     wall = result.pop("wall_seconds")
-    if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
-        result["figure"] = str(nonlinear.plot(result, args.out / "nonlinear.png"))
-        atomic_write_json(args.out / "nonlinear.json", result)
-        atomic_write_text(args.out / "nonlinear.md", nonlinear.format_table(result) + "\n")
-    if args.json:
-        print(json.dumps(result, indent=2))
-    else:
-        print(nonlinear.format_table(result))
+    _emit(args, result, "nonlinear", nonlinear.plot, nonlinear.format_table)
     print(f"wall time {wall:.1f} s", file=sys.stderr)
     return 0
+
+
+def _emit(args: argparse.Namespace, result: dict, stem: str, plot, table) -> None:
+    """Write STEM.png/.json/.md under --out (atomically) and print the JSON or the table."""
+    from ..utils.io import atomic_write_json, atomic_write_text
+
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        result["figure"] = str(plot(result, args.out / f"{stem}.png"))
+        atomic_write_json(args.out / f"{stem}.json", result)
+        atomic_write_text(args.out / f"{stem}.md", table(result) + "\n")
+    print(json.dumps(result, indent=2) if args.json else table(result))
