@@ -73,3 +73,10 @@ def test_demo_runs_the_data_reading_and_routed_methods(tmp_path):
     for name, r in res["methods"].items():
         assert 0.0 < r["retention"] <= 1.0 and r["trainable_parameters"] > 0, name
     assert res["gates"] == {}  # no DISeL adapter among them: no gate histogram
+
+
+@pytest.mark.parametrize("extra", ["{not json", "[1, 2]"])
+def test_demo_rejects_bad_extra(tmp_path, capsys, extra):
+    assert main(["demo", "--quick", "--out", str(tmp_path / "d"), "--extra", extra]) == 2
+    assert "--extra" in capsys.readouterr().err
+    assert not (tmp_path / "d" / "results.json").exists()

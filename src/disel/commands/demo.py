@@ -31,6 +31,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="Word problems (default), short ones ('What is 7 plus 5?') or counting (one up / one down).",
     )
     p.add_argument(
+        "--extra",
+        default=None,
+        help='Method settings as JSON, e.g. \'{"lalora": {"lam": 3}, "corda": {"mode": "ipm"}}\'.',
+    )
+    p.add_argument(
         "--holdout",
         choices=["wording", "fact"],
         default=None,
@@ -65,6 +70,18 @@ def run(args: argparse.Namespace) -> int:
             if key == "max_value" and value < 2:
                 raise UserError(f"--max-value {value} is too small: use 2 or more, e.g. 9.")
             over[key] = value
+    if args.extra:
+        import json
+
+        try:
+            extra = json.loads(args.extra)
+        except json.JSONDecodeError as e:
+            raise UserError(
+                f'--extra {args.extra!r} is not JSON ({e.msg}): pass e.g. \'{{"lalora": {{"lam": 3}}}}\'.'
+            ) from e
+        if not isinstance(extra, dict):
+            raise UserError(f"--extra {args.extra!r} must be a JSON object keyed by method name.")
+        over["method_extra"] = extra
     cfg = DemoConfig.quick(**over) if args.quick else DemoConfig(**over)
     run_demo(cfg, args.out)
     return 0

@@ -62,6 +62,9 @@ class DemoConfig:
     retention_max_tokens: int = 128
     n_gate_texts: int = 32  # texts per domain for the gate histogram
     n_calibration: int = 32  # pretraining texts for methods that read data at build time (lalora, corda)
+    method_extra: dict[str, Any] = field(
+        default_factory=dict
+    )  # MethodOptions.extra, e.g. {"lalora": {"lam": 3}}
     threads: int | None = 1  # one thread: tiny matmuls gain little from more, and shared cores lose a lot
     model: str | None = None  # a local model directory instead of the shipped one
 
@@ -262,6 +265,7 @@ def run_demo(cfg: DemoConfig, out_dir: str | Path, log: Callable[[str], None] = 
             # methods that read data at build time (LaLoRA's curvature, CorDA's covariance) see the
             # pretraining domains: the knowledge to keep
             calibration=lambda: calibration_batches(tok, cfg),
+            extra=dict(cfg.method_extra),
         )
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         lr = cfg.lr_full if name == "full" else cfg.lr
