@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 
+from ..utils.io import save_figure
 from .stats import GateStats
 
 
@@ -51,8 +52,7 @@ def plot_domains(
         ax.legend(fontsize=7)
     axes[0].set_ylabel("fraction of (token, rank) values")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
 def plot_modules(stats: GateStats, path: str | os.PathLike[str], domain: str = "") -> None:
@@ -73,5 +73,4 @@ def plot_modules(stats: GateStats, path: str | os.PathLike[str], domain: str = "
         ax.legend(fontsize=7)
     axes[0].set_ylabel("fraction of (token, rank) values")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)

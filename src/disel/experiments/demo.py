@@ -9,7 +9,6 @@ the ``DiselGate`` modules.
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import random
@@ -29,7 +28,7 @@ from ..evaluation.lm import greedy_generate, token_nll
 from ..methods import build_model, get_method
 from ..methods.gated_lora.layer import DiselGate
 from ..training.optim import build_optimizer
-from ..utils.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from ..utils.io import atomic_write_json, atomic_write_text, save_figure
 from .arith import arith_problems, encode_sft, exact_match
 
 RETENTION_DOMAINS = ("docstrings", "source")
@@ -315,12 +314,6 @@ def run_demo(cfg: DemoConfig, out_dir: str | Path, log: Callable[[str], None] = 
 # Report
 
 
-def _png(fig: Any) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    return buf.getvalue()
-
-
 def _gate_auroc(stats: dict[str, Any]) -> dict[str, float]:
     """AUROC of the per-sequence gate score (mean gate over middle/late layers), arithmetic vs each domain."""
     if "arithmetic" not in stats:
@@ -348,8 +341,7 @@ def write_report(results: dict[str, Any], gate_samples: dict[str, Any], out: Pat
     ax.set_ylabel("arithmetic exact-match accuracy")
     ax.set_title("Target accuracy vs retention")
     ax.legend(fontsize=8)
-    atomic_write_bytes(out / "tradeoff.png", _png(fig))
-    plt.close(fig)
+    save_figure(fig, out / "tradeoff.png", dpi=110, bbox_inches="tight")
 
     files = ["tradeoff.png"]
     if gate_samples:
@@ -363,8 +355,7 @@ def write_report(results: dict[str, Any], gate_samples: dict[str, Any], out: Pat
         ax.set_ylabel("fraction of (token, gate) values")
         ax.set_title("Gate values by domain")
         ax.legend(fontsize=8)
-        atomic_write_bytes(out / "gates.png", _png(fig))
-        plt.close(fig)
+        save_figure(fig, out / "gates.png", dpi=110, bbox_inches="tight")
         files.append("gates.png")
 
     cfg = results["config"]

@@ -237,14 +237,13 @@ def format_table(result: dict[str, Any]) -> str:
 
 def plot(result: dict[str, Any], path: str | Any) -> Any:
     """Bar chart of test MSE (mean ± std over seeds) per method, with the base model's MSE as a line."""
-    import io
 
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ..utils.io import atomic_write_bytes
+    from ..utils.io import save_figure
 
     names = list(result["methods"])
     means = [result["methods"][n]["test_mse_mean"] for n in names]
@@ -260,7 +259,4 @@ def plot(result: dict[str, Any], path: str | Any) -> Any:
     ax.set_title("Noisy non-linear regression at equal trainable parameters")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
-    plt.close(fig)
-    return atomic_write_bytes(path, buf.getvalue())
+    return save_figure(fig, path)

@@ -548,7 +548,7 @@ def plot_bars(result: dict[str, Any], path: str | Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ..utils.io import atomic_write_bytes
+    from ..utils.io import save_figure
 
     methods = list(result["methods"])
     labels = {"full": "full FT", "lora": "LoRA", "disel": "DISeL"}
@@ -573,26 +573,18 @@ def plot_bars(result: dict[str, Any], path: str | Path) -> Path:
     ax.set_ylim(0, top * 1.45)
     ax.legend(fontsize=8, loc="upper center", ncol=2)
     fig.tight_layout()
-    path = Path(path)
-    import io
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120, metadata={"Software": None})
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
-    return path
+    return save_figure(fig, path)
 
 
 def plot_sweep(sweep: dict[str, Any], path: str | Path) -> Path:
     """Mixture MSE (as a fraction of the base model's) against separation: the gap closes as they separate."""
-    import io
 
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ..utils.io import atomic_write_bytes
+    from ..utils.io import save_figure
 
     rows = sweep["sweep"]
     s = [r["separation"] for r in rows]
@@ -614,11 +606,7 @@ def plot_sweep(sweep: dict[str, Any], path: str | Path) -> Path:
     ax.set_title("A fixed update cannot separate; an input gate can")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120, metadata={"Software": None})
-    plt.close(fig)
-    atomic_write_bytes(Path(path), buf.getvalue())
-    return Path(path)
+    return save_figure(fig, path)
 
 
 def timed(fn: Callable[..., dict[str, Any]], *args: Any, **kwargs: Any) -> tuple[dict[str, Any], float]:

@@ -11,7 +11,6 @@ All files are written atomically.
 
 from __future__ import annotations
 
-import io
 import math
 import os
 from collections import defaultdict
@@ -21,7 +20,7 @@ from typing import Any
 
 from ..errors import UserError
 from ..results import ResultsStore
-from ..utils.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from ..utils.io import atomic_write_json, atomic_write_text, save_figure
 
 
 @dataclass
@@ -120,9 +119,7 @@ def markdown_table(rows: list[Row], base: dict[str, dict[str, Any]]) -> str:
 
 
 def _save_png(fig: Any, path: Path) -> Path:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
-    return atomic_write_bytes(path, buf.getvalue())
+    return save_figure(fig, path, bbox_inches="tight")
 
 
 def plot_tradeoff(rows: list[Row], base: dict[str, dict[str, Any]], path: Path) -> Path:

@@ -47,3 +47,16 @@ def _default(obj: Any) -> Any:
     if isinstance(obj, set):
         return sorted(obj)
     raise TypeError(f"Object of type {type(obj).__name__} is not JSON serialisable")
+
+
+def save_figure(fig: Any, path: str | os.PathLike[str], dpi: int = 120, **savefig_kwargs: Any) -> Path:
+    """Render a matplotlib figure to PNG, close it, and write the file atomically."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    savefig_kwargs.setdefault("metadata", {"Software": None})  # byte-identical PNGs for identical plots
+    fig.savefig(buf, format="png", dpi=dpi, **savefig_kwargs)
+    plt.close(fig)
+    return atomic_write_bytes(path, buf.getvalue())

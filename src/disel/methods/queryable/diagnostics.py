@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -60,7 +59,7 @@ def plot_routing(usage: Mapping[str, Mapping[int, Sequence[float]]], path: str |
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ...utils.io import atomic_write_bytes
+    from ...utils.io import save_figure
 
     names = list(usage)
     fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 3.0), squeeze=False)
@@ -73,7 +72,4 @@ def plot_routing(usage: Mapping[str, Mapping[int, Sequence[float]]], path: str |
         ax.set_ylabel("block")
         ax.set_yticks(range(len(blocks)), [str(b) for b in blocks])
     fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="mean routing weight")
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return atomic_write_bytes(path, buf.getvalue())
+    return save_figure(fig, path, dpi=110, bbox_inches="tight")
