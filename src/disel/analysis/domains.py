@@ -15,7 +15,6 @@ Specs (``disel gates --domain NAME=SPEC``):
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,13 +66,9 @@ def _record_to_item(rec: Any, where: str) -> Item:
 def load_items(spec: str, limit: int | None = None) -> list[Item]:
     """The items of a domain spec (see the module docstring)."""
     if spec.startswith("stdlib:"):
-        from ..data.stdlib import stdlib_docstrings, stdlib_source_chunks
+        from ..data.stdlib import stdlib_spec_texts
 
-        kind = spec.split(":", 1)[1]
-        if kind not in ("docstrings", "source"):
-            raise UserError(f"domain {spec!r} is unknown: use stdlib:docstrings or stdlib:source.")
-        texts = stdlib_docstrings("heldout") if kind == "docstrings" else stdlib_source_chunks("heldout")
-        return [Item(t) for t in texts[:limit]]
+        return [Item(t) for t in stdlib_spec_texts(spec)[:limit]]
     if spec.startswith("hf:"):
         return _load_hf(spec[3:], limit)
     path = Path(spec)
@@ -84,30 +79,10 @@ def load_items(spec: str, limit: int | None = None) -> list[Item]:
         )
     if path.is_dir():
         raise UserError(f"domain source {spec!r} is a directory; give a .txt, .json or .jsonl file.")
-    if path.suffix == ".jsonl":
-        items = []
-        with path.open(encoding="utf-8") as f:
-            for i, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise UserError(
-                        f"{spec} line {i} is not valid JSON ({e.msg}); fix or remove it."
-                    ) from None
-                items.append(_record_to_item(rec, f"{spec} line {i}"))
-                if limit is not None and len(items) >= limit:
-                    break
-        return items
-    if path.suffix == ".json":
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise UserError(f"{spec} is not valid JSON ({e.msg}); give a JSON list of records.") from None
-        if not isinstance(data, list):
-            raise UserError(f"{spec} holds a JSON {type(data).__name__}; give a JSON list of records.")
-        return [_record_to_item(r, f"{spec} item {i}") for i, r in enumerate(data[:limit])]
+    if path.suffix.lower() in (".jsonl", ".json", ".csv", ".parquet"):
+        from ..training.data import read_rows  # the one reader of record files, with row-naming errors
+
+        return [_record_to_item(row.data, row.where) for row in read_rows(str(path), max_rows=limit)]
     return [Item(path.read_text(encoding="utf-8", errors="replace"))]
 
 

@@ -107,3 +107,15 @@ def stdlib_source_chunks(
             if len(chunk) >= min_chars:
                 out.append(chunk)
     return out
+
+
+def stdlib_spec_texts(spec: str) -> list[str]:
+    """Held-out texts of a ``stdlib:docstrings`` / ``stdlib:source`` data spec (used by CLI options)."""
+    kind = spec.split(":", 1)[1] if spec.startswith("stdlib:") else ""
+    if kind == "docstrings":
+        return stdlib_docstrings("heldout")
+    if kind == "source":
+        return stdlib_source_chunks("heldout")
+    from ..errors import UserError
+
+    raise UserError(f"{spec!r} is not a standard-library source: use stdlib:docstrings or stdlib:source.")

@@ -256,15 +256,9 @@ def load_base_model(cfg: Config, data: PreparedData, tokenizer: Any) -> nn.Modul
 def calibration_texts(source: str, n: int) -> list[str]:
     """Raw texts of a calibration source (see ``MethodConfig.calibration``)."""
     if source.startswith("stdlib:"):
-        from ..data import stdlib_docstrings, stdlib_source_chunks
+        from ..data import stdlib_spec_texts
 
-        kind = source.split(":", 1)[1]
-        if kind not in ("docstrings", "source"):
-            raise UserError(
-                f"method.calibration={source!r} is invalid: use stdlib:docstrings, stdlib:source or a data path."
-            )
-        texts = stdlib_docstrings("heldout") if kind == "docstrings" else stdlib_source_chunks("heldout")
-        return texts[:n]
+        return stdlib_spec_texts(source)[:n]
     path = Path(source)
     if path.suffix.lower() in (".txt", ".md", ".py") and path.is_file():
         blocks = [b.strip() for b in path.read_text(encoding="utf-8").split("\n\n")]
