@@ -11,17 +11,14 @@ downloaded: the model is built from a config.
 from __future__ import annotations
 
 import argparse
-import copy
 import sys
 from pathlib import Path
 
-import peft
 import torch
 from tqdm import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM
 
-import disel
-from disel.commands.bench import _interleave, _runner, _summary, machine_info, saved_bytes
+from disel.commands.bench import _interleave, _runner, _summary, adapt_contenders, machine_info, saved_bytes
 from disel.utils.io import atomic_write_json
 
 
@@ -39,25 +36,7 @@ def build(
         max_position_embeddings=max(2048, args.tokens),
     )
     base = LlamaForCausalLM(cfg).to(device=device, dtype=dtype)
-    common = {"r": args.r, "lora_alpha": 2 * args.r, "target_modules": "all-linear", "lora_dropout": 0.0}
-    configs = {
-        "lora": peft.LoraConfig(**common),
-        "dora": peft.LoraConfig(**common, use_dora=True),
-        "disel": disel.DiselConfig(**common),
-    }
-    out = {}
-    for name, c in configs.items():
-        m = peft.get_peft_model(copy.deepcopy(base), c)
-        with torch.no_grad():
-            for n, p in m.named_parameters():
-                if "lora_B" in n:
-                    p.normal_(0.0, 0.02)
-        out[name] = (m, False)
-    out["naive"] = (out["disel"][0], True)
-    merged = copy.deepcopy(out["lora"][0])
-    merged.merge_adapter()
-    out["lora_merged"] = (merged, False)
-    return out
+    return adapt_contenders(base, args.r, "all-linear")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -77,14 +77,22 @@ def build_contenders(
     d_in: int, d_out: int, r: int, dtype: torch.dtype, device: str, seed: int = 0
 ) -> dict[str, tuple[nn.Module, bool]]:
     """name -> (model, use_reference_path). Every adapter gets non-zero U so all paths do real work."""
+    torch.manual_seed(seed)
+    base = _OneLinear(d_in, d_out).to(device=device, dtype=dtype)
+    base.requires_grad_(False)
+    return adapt_contenders(base, r, ["proj"])
+
+
+def adapt_contenders(
+    base: nn.Module, r: int, target_modules: str | list[str]
+) -> dict[str, tuple[nn.Module, bool]]:
+    """LoRA, DoRA, DISeL (fused), DISeL through the naive module path and merged LoRA, each on a copy of
+    ``base``: name -> (model, use_reference_path)."""
     import peft
 
     import disel
 
-    torch.manual_seed(seed)
-    base = _OneLinear(d_in, d_out).to(device=device, dtype=dtype)
-    base.requires_grad_(False)
-    common = {"r": r, "lora_alpha": 2 * r, "target_modules": ["proj"], "lora_dropout": 0.0}
+    common = {"r": r, "lora_alpha": 2 * r, "target_modules": target_modules, "lora_dropout": 0.0}
     configs = {
         "lora": peft.LoraConfig(**common),
         "dora": peft.LoraConfig(**common, use_dora=True),
