@@ -9,6 +9,7 @@ the ``DiselGate`` modules.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import random
@@ -227,7 +228,7 @@ def run_demo(cfg: DemoConfig, out_dir: str | Path, log: Callable[[str], None] = 
         raise UserError(
             f"--model {model_dir} is not a model directory: pass a folder made by save_pretrained."
         )
-    _, tok = load_demo_model(model_dir)
+    base_model, tok = load_demo_model(model_dir)
     n_train = cfg.steps * cfg.batch_size
     train = encode_sft(
         arith_problems("train", n_train, cfg.seed, cfg.max_value, holdout=cfg.holdout, style=cfg.style), tok
@@ -240,7 +241,6 @@ def run_demo(cfg: DemoConfig, out_dir: str | Path, log: Callable[[str], None] = 
     gate_texts.update({d: t[: cfg.n_gate_texts] for d, t in held.items()})
 
     log("[demo] evaluating the base model")
-    base_model, _ = load_demo_model(model_dir)
     base_ret = retention(base_model, tok, held, cfg.retention_max_tokens)
     base = {"retention": base_ret["score"], "target_accuracy": target_accuracy(base_model, tok, test)}
     base_detail = {"retention_domains": base_ret["domains"]}
@@ -251,9 +251,8 @@ def run_demo(cfg: DemoConfig, out_dir: str | Path, log: Callable[[str], None] = 
     for name in cfg.methods:
         t_m = time.time()
         torch.manual_seed(cfg.seed)
-        model, _ = load_demo_model(model_dir)
         model = build_model(
-            model,
+            copy.deepcopy(base_model),  # every method starts from the same untouched base
             name,
             rank=cfg.rank,
             target_modules=cfg.target_modules,
