@@ -20,14 +20,16 @@ R = 6
 PATTERN = [-12.0, 12.0, 0.0, -12.0, 12.0, 0.0]
 
 
-def test_static_components_are_ones_and_disable_the_fast_path():
+def test_static_components_are_ones_and_keep_the_fast_path():
     g = DiselGate(8, 4, num_static=3)
     g.reset_parameters(-3.0, "kaiming")
     assert g.weight.shape == (1, 8) and g.bias.shape == (1,)
     out = g(torch.randn(2, 5, 8))
     assert out.shape == (2, 5, 4)
     assert torch.equal(out[..., :3], torch.ones(2, 5, 3))
-    assert not g.fast_path_ok() and DiselGate(8, 4).fast_path_ok()
+    assert g.fast_path_ok() and DiselGate(8, 4).fast_path_ok()  # the fused kernel takes num_static
+    g.override = 0.5
+    assert not g.fast_path_ok()
     with pytest.raises(ValueError, match="num_static"):
         DiselGate(8, 4, num_static=5)
     with pytest.raises(ValueError, match="static_rank_pattern"):
@@ -149,3 +151,122 @@ def test_compact_cli(tmp_path, capsys):
     assert (out / "adapter_model.safetensors").exists() and (out / "tokenizer_config.json").exists()
     assert cli(args) == 2  # --out not empty
     assert "not an empty directory" in capsys.readouterr().err
+
+    # --merge-static: a full model directory (merged base) + the gated remainder in adapter/
+    merged = tmp_path / "merged"
+    args[args.index(str(out))] = str(merged)
+    assert (
+        cli([*args, "--max-sequences", "4", "--max-length", "32", "--timing-repeats", "1", "--merge-static"])
+        == 0
+    )
+    rep = json.loads((merged / "compaction.json").read_text())
+    assert rep["merge_static"]["components_merged"] == 40 and rep["merge_static"]["gated_components"] == 40
+    assert rep["merge_static"]["max_abs_logit_diff"] < 1e-4
+    assert set(rep["merge_static"]["timing_merged_s"]) == {"default", "compact", "base"}
+    assert rep["speedup_forward_merged"] > 0
+    assert (merged / "model.safetensors").exists() and (merged / "tokenizer_config.json").exists()
+    import transformers
+
+    ids = torch.tensor([tok("The quick brown fox")["input_ids"]])
+    with torch.no_grad():
+        unmerged = peft.PeftModel.from_pretrained(
+            transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base"), str(out)
+        )
+        deployed = peft.PeftModel.from_pretrained(
+            transformers.AutoModelForCausalLM.from_pretrained(merged), str(merged / "adapter")
+        )
+        want, got = unmerged.eval()(input_ids=ids).logits, deployed.eval()(input_ids=ids).logits
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def _compacted(pattern=None, seed: int = 0):
+    """The hand-set model with its compacted adapter 'compact' beside 'default' (active: 'default')."""
+    pm = _hand_set_model(seed)
+    if pattern is not None:
+        with torch.no_grad():
+            for _, g in disel.iter_gates(pm):
+                g.weight.zero_()
+                g.bias.copy_(torch.tensor(pattern))
+    ids = torch.randint(0, 128, (3, 10), generator=torch.Generator().manual_seed(seed))
+    with GateRecorder(pm, thresholds=(0.02, 0.98)) as rec:
+        pm(input_ids=ids)
+    add_compacted_adapter(pm, plan_compaction(rec.stats()), "default", "compact")
+    pm.set_adapter("compact")
+    return pm, ids
+
+
+def test_compacted_forward_uses_fused_kernel(monkeypatch):
+    from disel.methods.gated_lora import kernels
+
+    pm, ids = _compacted()
+    calls = {"n": 0}
+    real = kernels.fused_gated_update
+
+    def spy(*args, **kwargs):
+        calls["n"] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(kernels, "fused_gated_update", spy)
+    with torch.no_grad():
+        fast = pm(input_ids=ids).logits
+        assert calls["n"] == 20  # every adapted layer (21 minus the removed one), static parts included
+        with kernels.reference_path():
+            ref = pm(input_ids=ids).logits
+    assert calls["n"] == 20
+    torch.testing.assert_close(fast, ref, atol=1e-6, rtol=1e-5)
+
+
+def test_merge_static_keeps_logits_and_leaves_only_gated_components(tmp_path):
+    pm, ids = _compacted()
+    with torch.no_grad():
+        want = pm(input_ids=ids).logits
+        q = pm.base_model.model.model.layers[0].self_attn.q_proj
+        w_before = q.base_layer.weight.clone()
+        a, b, s = q.lora_A["compact"].weight[:2].clone(), q.lora_B["compact"].weight[:, :2].clone(), q.scaling
+        s = s["compact"]
+    counts = disel.merge_static(pm, "compact")
+    assert counts == {"layers": 20, "components_merged": 40, "layers_removed": 0, "gated_components": 40}
+    assert q.r["compact"] == 2 and q.lora_gate["compact"].num_static == 0 and q.scaling["compact"] == 8 / 2
+    torch.testing.assert_close(q.base_layer.weight, w_before + s * b @ a)
+    cfg = pm.peft_config["compact"]
+    assert cfg.static_rank_pattern == {} and set(cfg.rank_pattern.values()) == {2}
+    with torch.no_grad():
+        got = pm(input_ids=ids).logits
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert disel.merge_static(pm, "compact")["layers"] == 0  # nothing static is left: a no-op
+    with pytest.raises(disel.errors.UserError, match="no adapter 'nope'"):
+        disel.merge_static(pm, "nope")
+
+    # deployment: full merged model directory + gated adapter, reloaded in two calls
+    from disel.analysis.compact import save_merged
+
+    out = save_merged(pm, "compact", tmp_path / "deploy")
+    assert (out / "config.json").exists() and (out / "adapter" / "adapter_config.json").exists()
+    cfg = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert cfg["base_model_name_or_path"] == str(out.resolve()) and cfg["static_rank_pattern"] == {}
+    import transformers
+
+    base = transformers.AutoModelForCausalLM.from_pretrained(out)
+    fresh = peft.PeftModel.from_pretrained(base, str(out / "adapter")).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(input_ids=ids).logits, want, atol=1e-5, rtol=1e-5)
+
+
+def test_merge_static_without_gated_components_is_exactly_the_merged_base():
+    # every component always open or always closed: the compacted adapter is purely static
+    pm, ids = _compacted(pattern=[12.0, -12.0, 12.0, 12.0, -12.0, 12.0])
+    with torch.no_grad():
+        want = pm(input_ids=ids).logits
+    counts = disel.merge_static(pm, "compact")
+    assert counts["gated_components"] == 0 and counts["layers_removed"] == counts["layers"] == 21
+    assert not any("compact" in m.lora_A for m in pm.modules() if isinstance(m, disel.DiselLinear))
+    with torch.no_grad():
+        got = pm(input_ids=ids).logits
+        with pm.disable_adapter():
+            base = pm(input_ids=ids).logits
+    assert torch.equal(got, base)  # nothing of the adapter runs any more
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    plain = pm.unload()
+    assert not any(isinstance(m, disel.DiselLinear) for m in plain.modules())
+    with torch.no_grad():
+        assert torch.equal(plain(input_ids=ids).logits, got)

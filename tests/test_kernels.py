@@ -227,3 +227,52 @@ def test_bench_cli_json_schema():
     # DISeL saves one more r-wide tensor and has the gate's parameters: more memory than LoRA, never less.
     assert res["memory_ratio_vs_lora"] > 1.0
     assert cli_main(["bench", "--quick", "--r", "0", "--d", "32"]) == 2
+
+
+@pytest.mark.parametrize("num_static", [1, 2, 3])
+def test_gradcheck_static_components(num_static):
+    """Compacted layers: the first num_static components are ungated (3 = all of them: plain LoRA)."""
+    torch.manual_seed(1)
+    t, d, o, r = 5, 6, 7, 3
+
+    def leaf(*shape):
+        return torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+
+    inputs = (leaf(t, d), leaf(t, o), leaf(r, d), leaf(r - num_static, d), leaf(r - num_static), leaf(o, r))
+    assert torch.autograd.gradcheck(lambda *a: _GatedLoRAFunction.apply(*a, 1.7, 0.37, num_static), inputs)
+    x, res, dw, gw, gb, uw = inputs
+    gate = torch.cat([torch.ones(t, num_static, dtype=x.dtype), torch.sigmoid(x @ gw.t() * 0.37 + gb)], -1)
+    ref = res + 1.7 * ((gate * (x @ dw.t())) @ uw.t())
+    torch.testing.assert_close(fused_gated_update(x, res, dw, gw, gb, uw, 1.7, 0.37, num_static), ref)
+    with torch.no_grad():
+        torch.testing.assert_close(fused_gated_update(x, res, dw, gw, gb, uw, 1.7, 0.37, num_static), ref)
+    with pytest.raises(ValueError, match="rows"):
+        fused_gated_update(x, res, dw, gw, gb, uw, 1.7, 0.37, num_static - 1)
+
+
+def test_static_components_use_fast_path_and_match_reference(count_fused):
+    # lin0: 2 of 4 components static; lin1: all 4 static (no gate rows); lin2: uncompacted
+    pm = _disel_mlp(static_rank_pattern={"lin0": 2, "lin1": 4})
+    gates = dict(disel.iter_gates(pm))
+    assert sorted(g.num_static for g in gates.values()) == [0, 2, 4]
+    assert all(g.fast_path_ok() for g in gates.values())
+    x = torch.randn(3, 5, 12)
+    _assert_same(pm, x, atol=1e-6, rtol=1e-5)
+    assert count_fused["n"] == 3
+    pm.eval()
+    with torch.no_grad():
+        fast = pm(x)
+        with reference_path():
+            ref = pm(x)
+    torch.testing.assert_close(fast, ref, atol=1e-6, rtol=1e-5)
+    # a hooked (recorded) static gate runs the module path and sees the ones of its static components
+    count_fused["n"] = 0
+    seen = []
+    gate = pm.base_model.model.lin0.lora_gate["default"]
+    handle = gate.register_forward_hook(lambda m, i, o: seen.append(o.detach()))
+    with torch.no_grad():
+        hooked = pm(x)
+    handle.remove()
+    assert count_fused["n"] == 2 and len(seen) == 1
+    assert torch.equal(seen[0][..., :2], torch.ones(3, 5, 2))
+    torch.testing.assert_close(hooked, ref, atol=1e-6, rtol=1e-5)

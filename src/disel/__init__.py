@@ -4,6 +4,7 @@
 ``save_pretrained`` and ``PeftModel.from_pretrained`` work like for any PEFT adapter.
 """
 
+from .analysis.compact import merge_static
 from .methods.gated_lora import DiselConfig, DiselGate, DiselLinear, DiselModel
 from .methods.gated_lora.utils import force_gates, gate_parameters, iter_gates
 from .methods.queryable import QueryableConfig  # registers the QUERYABLE PEFT type too
@@ -23,4 +24,5 @@ __all__ = [
     "force_gates",
     "gate_parameters",
     "iter_gates",
+    "merge_static",
 ]

@@ -15,21 +15,28 @@ adapter whose layers have rank ``r' = static + gated`` (``DiselConfig.rank_patte
 left are no longer adapted (``target_modules`` lists the kept layers by name). It loads with one
 ``PeftModel.from_pretrained`` call. ``lora_B`` columns are rescaled so that the new ``alpha / r'`` scaling
 gives the same update.
+
+For deployment, :func:`merge_static` folds the static components into the base weights
+(``W += scaling * B_s A_s``), so that only the gated components cost anything at run time, and
+:func:`save_merged` writes the merged base as a full model directory with the gated remainder beside it.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 import os
 import shutil
 import statistics
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from peft.utils import transpose
 from torch import nn
 
 from ..errors import UserError
@@ -292,3 +299,116 @@ def interleaved_timing(
             times[n].append(run(n))
     peft_model.set_adapter(active)
     return {n: statistics.median(t) for n, t in times.items()}
+
+
+@torch.no_grad()
+def merge_static(model: nn.Module, adapter: str = "default") -> dict[str, int]:
+    """Fold the static (ungated) components of ``adapter`` into the base weights, in place.
+
+    For every layer whose ``adapter`` has ``num_static = k > 0``: ``W += scaling * B[:, :k] @ A[:k]`` (in
+    float32, then cast to W's dtype), and the adapter keeps only its gated components (rank ``r - k``, no
+    static part; ``lora_B`` is rescaled so that the new ``alpha / (r - k)`` scaling gives the same update).
+    A layer with no gated component left no longer holds ``adapter``; if no layer does, the model computes
+    exactly the merged base (``model.unload()`` then returns it as a plain model). The adapter's config is
+    updated to match (``target_modules``, ``rank_pattern``, empty ``static_rank_pattern``), so it saves and
+    reloads on top of the merged base.
+
+    The base weights change for every adapter of ``model``: others now run on the merged base. Returns
+    counts: ``layers`` merged, ``components_merged``, ``layers_removed``, ``gated_components`` left.
+    """
+    if adapter not in getattr(model, "peft_config", {}):
+        raise UserError(f"the model has no adapter {adapter!r}; pass one of {sorted(model.peft_config)}.")
+    counts = {"layers": 0, "components_merged": 0, "layers_removed": 0, "gated_components": 0}
+    kept: dict[str, int] = {}
+    for name, mod in _layers(model, adapter).items():
+        gate = mod.lora_gate[adapter]
+        k, r = gate.num_static, mod.r[adapter]
+        g = r - k
+        if k == 0:
+            kept[name] = r
+            counts["gated_components"] += r
+            continue
+        lora_A, lora_B = mod.lora_A[adapter], mod.lora_B[adapter]
+        if lora_B.bias is not None:
+            raise UserError(
+                f"layer {name} of adapter {adapter!r} has a lora_B bias (lora_bias=True); merge_static "
+                "supports adapters without it."
+            )
+        weight = mod.get_base_layer().weight
+        scaling = mod.scaling[adapter]
+        a = lora_A.weight.float()
+        b = lora_B.weight.float()
+        delta = transpose(b[:, :k] @ a[:k] * scaling, mod.fan_in_fan_out)
+        weight.copy_((weight.float() + delta.to(weight.device)).to(weight.dtype))
+        counts["layers"] += 1
+        counts["components_merged"] += k
+        if g == 0:
+            for attr in (*mod.adapter_layer_names, *mod.other_param_names):
+                container = getattr(mod, attr)
+                if adapter in container:
+                    del container[adapter]
+            counts["layers_removed"] += 1
+            continue
+        alpha = mod.lora_alpha[adapter]
+        new_scaling = alpha / math.sqrt(g) if mod.use_rslora.get(adapter, False) else alpha / g
+        new_a = nn.Linear(
+            mod.in_features, g, bias=False, device=lora_A.weight.device, dtype=lora_A.weight.dtype
+        )
+        new_b = nn.Linear(
+            g, mod.out_features, bias=False, device=lora_B.weight.device, dtype=lora_B.weight.dtype
+        )
+        new_a.weight.copy_(lora_A.weight[k:])
+        new_b.weight.copy_((b[:, k:] * (scaling / new_scaling)).to(lora_B.weight.dtype))
+        new_a.requires_grad_(lora_A.weight.requires_grad)
+        new_b.requires_grad_(lora_B.weight.requires_grad)
+        mod.lora_A[adapter], mod.lora_B[adapter] = new_a, new_b
+        mod.r[adapter] = g
+        mod.scaling[adapter] = new_scaling
+        gate.r, gate.num_static = g, 0
+        kept[name] = g
+        counts["gated_components"] += g
+    cfg = model.peft_config[adapter]
+    if counts["layers"]:
+        cfg.target_modules = sorted(kept)
+        cfg.exclude_modules = None
+        cfg.layers_to_transform = None
+        cfg.layers_pattern = None
+        cfg.rank_pattern = dict(kept)
+        cfg.static_rank_pattern = {}
+    return counts
+
+
+def save_merged(
+    peft_model: nn.Module, adapter: str, out: str | os.PathLike[str], tokenizer: Any = None
+) -> Path:
+    """Write ``peft_model``'s base (after :func:`merge_static`) as a full model directory ``out``, and
+    ``adapter``'s remaining gated components, if any, to ``out/adapter`` (its ``base_model_name_or_path`` is
+    ``out``). Written in a temporary directory, then renamed. Consumes ``peft_model`` (its adapter layers are
+    unloaded); returns ``out``."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"output directory {out} is not empty; choose a new --out or remove it.")
+    if any(mod.lora_gate[adapter].num_static for mod in _layers(peft_model, adapter).values()):
+        raise UserError(f"adapter {adapter!r} still has static components; call merge_static first.")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        if _layers(peft_model, adapter):
+            cfg = peft_model.peft_config[adapter]
+            cfg.base_model_name_or_path = str(out.resolve())
+            with warnings.catch_warnings():  # PEFT looks for the base's config in `out`, not yet written
+                warnings.filterwarnings("ignore", message="Could not find a config file")
+                peft_model.save_pretrained(str(tmp / ".adapter"), selected_adapters=[adapter])
+            src = tmp / ".adapter" / adapter if adapter != "default" else tmp / ".adapter"
+            os.replace(src, tmp / "adapter")
+            shutil.rmtree(tmp / ".adapter", ignore_errors=True)
+        base = peft_model.unload()
+        base.save_pretrained(str(tmp))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out

@@ -5,6 +5,11 @@ LoRA part / keep gated), writes the compacted adapter to ``--out`` (loads with o
 ``PeftModel.from_pretrained``) with ``compaction.json``: counts, parameter and multiply-add savings, and,
 on ``--heldout`` data (default: the calibration data), logit and NLL fidelity and an interleaved timing
 of the original and compacted forwards.
+
+``--merge-static`` also folds the static part into the base weights (``disel.merge_static``) and writes
+``--out`` as a full model directory (merged base + tokenizer + ``compaction.json``) with the remaining gated
+adapter in ``--out/adapter`` (absent if no gated component is left), so the deployed forward costs the base
+plus the gated rank only; the report adds the merge's logit difference and a timing of the merged forward.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Any
 
 from ..errors import UserError
 
@@ -44,6 +50,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-length", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--timing-repeats", type=int, default=20, help="Interleaved timing repeats (0: skip).")
+    p.add_argument(
+        "--merge-static",
+        action="store_true",
+        help="Fold the static (always-open) components into the base weights and write --out as a full model "
+        "directory with the remaining gated adapter in --out/adapter (deployment: base + gated rank only).",
+    )
     p.add_argument("--device", default="cpu")
 
 
@@ -56,6 +68,7 @@ def run(args: argparse.Namespace) -> int:
         interleaved_timing,
         plan_compaction,
         save_adapter,
+        save_merged,
     )
     from ..analysis.domains import batches, encode_items, load_items
     from ..utils.io import atomic_write_json
@@ -110,7 +123,14 @@ def run(args: argparse.Namespace) -> int:
         report["timing_s"] = t
         report["speedup_adapter_overhead"] = (t["default"] - t["base"]) / max(t["compact"] - t["base"], 1e-9)
         report["speedup_forward"] = t["default"] / t["compact"]
-    save_adapter(model, "compact", out, tokenizer=tok)
+    if args.merge_static:
+        report["merge_static"] = _merge(model, held_batches, args.timing_repeats)
+        if "timing_merged_s" in report["merge_static"]:
+            t = report["merge_static"]["timing_merged_s"]
+            report["speedup_forward_merged"] = t["default"] / t["compact"]
+        save_merged(model, "compact", out, tokenizer=tok)
+    else:
+        save_adapter(model, "compact", out, tokenizer=tok)
     atomic_write_json(out / "compaction.json", report)
     c = report["counts"]
     print(
@@ -120,5 +140,42 @@ def run(args: argparse.Namespace) -> int:
     print(json.dumps({k: report[k] for k in ("cost", "fidelity") if k in report}, indent=1))
     if "timing_s" in report:
         print(f"forward speed-up {report['speedup_forward']:.3f}x (timings {report['timing_s']})")
+    if "speedup_forward_merged" in report:
+        print(f"forward speed-up with the static part merged {report['speedup_forward_merged']:.3f}x")
+    if args.merge_static:
+        left = report["merge_static"]["gated_components"]
+        print(
+            f"merged base: {out}"
+            + (f"; gated adapter ({left} components): {out / 'adapter'}" if left else "")
+        )
     print(f"wrote {out}")
     return 0
+
+
+def _merge(model: Any, held_batches: list[Any], repeats: int) -> dict[str, Any]:
+    """Merge the static part of "compact" into the base; its logit difference on (up to 4 sequences of) the
+    first held-out batch, and an interleaved timing of original, merged and base forwards."""
+    import torch
+
+    from ..analysis.compact import interleaved_timing, merge_static
+
+    info: dict[str, Any] = {}
+    if held_batches:
+        ids, att, _ = held_batches[0]
+        ids, att = ids[:4], att[:4]
+        dev = next(model.parameters()).device
+        ids, att = ids.to(dev), att.to(dev)
+        active = model.active_adapter
+        model.set_adapter("compact")
+        with torch.no_grad():
+            before = model(input_ids=ids, attention_mask=att).logits.float()
+    info.update(merge_static(model, "compact"))
+    if held_batches:
+        with torch.no_grad():
+            after = model(input_ids=ids, attention_mask=att).logits.float()
+        model.set_adapter(active)
+        info["max_abs_logit_diff"] = float((after - before).abs()[att.bool()].max())
+        if repeats > 0:
+            ids, att, _ = held_batches[0]
+            info["timing_merged_s"] = interleaved_timing(model, ids, att, ["default", "compact"], repeats)
+    return info

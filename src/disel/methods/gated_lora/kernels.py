@@ -16,6 +16,10 @@ where ``s`` is the optional ``1/sqrt(d_in)`` logit scale. The reference path run
 * the autograd Function saves only x, the (T, 2r) pre-activations and the weights; the sigmoid is
   recomputed in the backward, so training memory is that of LoRA plus one T x r tensor and the gate.
 
+Compacted adapters (``disel compact``) have ``num_static`` leading components whose gate is 1: W_g holds only
+the other ``r - num_static`` rows, so z = [D_s x, D_g x, s W_g x + b_g] and h = [D_s x, glu([D_g x, logits])]
+(static part a plain LoRA pair, gated part the same glu) in the same three kernels plus one (T, r) cat.
+
 The fast path applies only where it computes exactly what the modules would: see :func:`fast_path_applies`.
 """
 
@@ -70,7 +74,7 @@ def fast_path_applies(lora_A: nn.Module, lora_B: nn.Module, gate: nn.Module) -> 
         return False
     if _nn_module._global_forward_hooks or _nn_module._global_forward_pre_hooks:
         return False
-    if gate.weight.shape[0] != lora_A.weight.shape[0]:  # e.g. static (ungated) components after compaction
+    if gate.weight.shape[0] + getattr(gate, "num_static", 0) != lora_A.weight.shape[0]:
         return False
     dtype = lora_A.weight.dtype
     return lora_B.weight.dtype == dtype and gate.weight.dtype == dtype and gate.bias.dtype == dtype
@@ -91,9 +95,28 @@ def _add_up(result2d: torch.Tensor, h: torch.Tensor, up_w: torch.Tensor, scaling
 def _pre_activations(
     x2d: torch.Tensor, down_w: torch.Tensor, gate_w: torch.Tensor, gate_b: torch.Tensor, logit_scale: float
 ) -> torch.Tensor:
-    """z = [D x, s W_g x + b_g] of shape (T, 2r), in one addmm (the bias rides along as the addmm input)."""
+    """z = [D x, s W_g x + b_g] of shape (T, r + r_g), in one addmm (the bias rides along as the addmm input)."""
     bias = torch.cat([gate_b.new_zeros(down_w.shape[0]), gate_b])
     return torch.addmm(bias, x2d, _down_and_gate_weight(down_w, gate_w, logit_scale).t())
+
+
+def _hidden(z: torch.Tensor, r: int, num_static: int) -> torch.Tensor:
+    """h = [D_s x, (D_g x) * sigmoid(logits)]: static components pass through, gated ones go through glu."""
+    if num_static == 0:
+        return F.glu(z, dim=-1)
+    if num_static == r:  # no gated component left: plain LoRA
+        return z
+    return torch.cat([z[:, :num_static], F.glu(z[:, num_static:], dim=-1)], dim=-1)
+
+
+def _hidden_backward(grad_h: torch.Tensor, z: torch.Tensor, r: int, num_static: int) -> torch.Tensor:
+    """Gradient of z from that of h (the inverse of :func:`_hidden`'s split)."""
+    if num_static == 0:
+        return torch.ops.aten.glu_backward(grad_h, z, -1)
+    if num_static == r:
+        return grad_h
+    gated = torch.ops.aten.glu_backward(grad_h[:, num_static:], z[:, num_static:], -1)
+    return torch.cat([grad_h[:, :num_static], gated], dim=-1)
 
 
 class _GatedLoRAFunction(torch.autograd.Function):
@@ -101,7 +124,8 @@ class _GatedLoRAFunction(torch.autograd.Function):
 
     Few, large kernels matter on CPU (every parallel op pays a thread-pool round trip): the forward is
     addmm, glu, addmm; the backward recomputes glu from the saved pre-activations and gets the gradient of
-    both halves of z from one ``glu_backward``.
+    both halves of z from one ``glu_backward``. ``num_static`` leading components are ungated (see the
+    module docstring); with 0 (the default) this is the uncompacted layer.
     """
 
     @staticmethod
@@ -115,12 +139,14 @@ class _GatedLoRAFunction(torch.autograd.Function):
         up_w: torch.Tensor,
         scaling: float,
         logit_scale: float,
+        num_static: int = 0,
     ) -> torch.Tensor:
         z = _pre_activations(x2d, down_w, gate_w, gate_b, logit_scale)
-        h = F.glu(z, dim=-1)
+        h = _hidden(z, down_w.shape[0], num_static)
         ctx.save_for_backward(x2d, z, down_w, gate_w, up_w)
         ctx.scaling = scaling
         ctx.logit_scale = logit_scale
+        ctx.num_static = num_static
         ctx.result_dtype = result2d.dtype
         return _add_up(result2d, h, up_w, scaling)
 
@@ -134,12 +160,12 @@ class _GatedLoRAFunction(torch.autograd.Function):
 
         grad_up = grad_x = grad_down = grad_gate_w = grad_gate_b = None
         if need_u:
-            h = F.glu(z, dim=-1)
+            h = _hidden(z, r, ctx.num_static)
             # scaling * g.T @ h (beta=0: the first argument only gives the shape and is not read)
             grad_up = torch.addmm(up_w, g.t(), h, beta=0, alpha=scaling)
         if need_x or need_d or need_g or need_b:
             grad_h = torch.addmm(z[:, :r], g, up_w, beta=0, alpha=scaling)  # scaling * g @ U, (T, r)
-            grad_z = torch.ops.aten.glu_backward(grad_h, z, -1)  # (T, 2r): [d/d(D x), d/d(logits)]
+            grad_z = _hidden_backward(grad_h, z, r, ctx.num_static)  # (T, r + r_g): [d/d(D x), d/d(logits)]
             if need_b:
                 grad_gate_b = grad_z[:, r:].sum(0)
             if need_d or need_g:
@@ -152,7 +178,7 @@ class _GatedLoRAFunction(torch.autograd.Function):
         grad_result = None
         if need_result:
             grad_result = grad_out if grad_out.dtype == ctx.result_dtype else grad_out.to(ctx.result_dtype)
-        return grad_x, grad_result, grad_down, grad_gate_w, grad_gate_b, grad_up, None, None
+        return grad_x, grad_result, grad_down, grad_gate_w, grad_gate_b, grad_up, None, None, None
 
 
 def fused_gated_update(
@@ -164,8 +190,12 @@ def fused_gated_update(
     up_w: torch.Tensor,
     scaling: float,
     logit_scale: float = 1.0,
+    num_static: int = 0,
 ) -> torch.Tensor:
     """``result + scaling * U (sigmoid(s W_g x + b_g) * (D x))`` for x of shape (..., d_in).
+
+    With ``num_static`` > 0 the first ``num_static`` components (rows of D, columns of U) are ungated and
+    ``gate_w``/``gate_b`` hold the rows of the others only (a compacted adapter).
 
     ``x`` must already be dropout-applied and in the adapter weights' dtype; ``result`` (shape (..., d_out))
     may have another dtype, in which case the sum is type-promoted as ``result + delta`` would be.
@@ -177,8 +207,8 @@ def fused_gated_update(
         dt = torch.get_autocast_dtype(device_type)
         x, down_w, gate_w, gate_b, up_w = (t.to(dt) for t in (x, down_w, gate_w, gate_b, up_w))
         with torch.autocast(device_type, enabled=False):
-            return _fused(x, result, down_w, gate_w, gate_b, up_w, scaling, logit_scale)
-    return _fused(x, result, down_w, gate_w, gate_b, up_w, scaling, logit_scale)
+            return _fused(x, result, down_w, gate_w, gate_b, up_w, scaling, logit_scale, num_static)
+    return _fused(x, result, down_w, gate_w, gate_b, up_w, scaling, logit_scale, num_static)
 
 
 def _fused(
@@ -190,18 +220,27 @@ def _fused(
     up_w: torch.Tensor,
     scaling: float,
     logit_scale: float,
+    num_static: int = 0,
 ) -> torch.Tensor:
+    r = down_w.shape[0]
+    if not 0 <= num_static <= r or gate_w.shape[0] != r - num_static:
+        raise ValueError(
+            f"gate weight has {gate_w.shape[0]} rows for rank {r} with num_static={num_static}; "
+            f"it must have rank - num_static = {r - num_static}."
+        )
     d_in = x.shape[-1]
     x2d = x.reshape(-1, d_in)
     result2d = result.reshape(-1, result.shape[-1])
-    scaling, logit_scale = float(scaling), float(logit_scale)
+    scaling, logit_scale, num_static = float(scaling), float(logit_scale), int(num_static)
     needs_grad = torch.is_grad_enabled() and any(
         t.requires_grad for t in (x, result, down_w, gate_w, gate_b, up_w)
     )
     if needs_grad:
-        out = _GatedLoRAFunction.apply(x2d, result2d, down_w, gate_w, gate_b, up_w, scaling, logit_scale)
+        out = _GatedLoRAFunction.apply(
+            x2d, result2d, down_w, gate_w, gate_b, up_w, scaling, logit_scale, num_static
+        )
     else:
         # Inference: the same arithmetic without an autograd node.
-        h = F.glu(_pre_activations(x2d, down_w, gate_w, gate_b, logit_scale), dim=-1)
+        h = _hidden(_pre_activations(x2d, down_w, gate_w, gate_b, logit_scale), r, num_static)
         out = _add_up(result2d, h, up_w, scaling)
     return out.reshape(*result.shape[:-1], out.shape[-1])

@@ -92,16 +92,11 @@ class DiselGate(nn.Module):
     def fast_path_ok(self) -> bool:
         """Whether a fused kernel may compute this gate without calling the module.
 
-        False while anything must observe or alter the gate: forward hooks (gate recording), a forced value,
-        or static (ungated) components, whose W_g has fewer rows than the adapter's rank.
+        False while anything must observe or alter the gate: forward hooks (gate recording) or a forced value.
+        Static (ungated) components are fine: the fused kernel takes ``num_static`` and treats them as gate 1.
         Fused implementations must fall back to calling ``gate(x)`` when this is False.
         """
-        return (
-            self.override is None
-            and self.num_static == 0
-            and not self._forward_hooks
-            and not self._forward_pre_hooks
-        )
+        return self.override is None and not self._forward_hooks and not self._forward_pre_hooks
 
     def extra_repr(self) -> str:
         return (
@@ -155,7 +150,15 @@ class DiselLinearVariant(NonMergeableVariant):
         scaling = module.scaling[active_adapter]
         if kernels.fast_path_applies(lora_A, lora_B, gate):
             return kernels.fused_gated_update(
-                x, result, lora_A.weight, gate.weight, gate.bias, lora_B.weight, scaling, gate.input_scale
+                x,
+                result,
+                lora_A.weight,
+                gate.weight,
+                gate.bias,
+                lora_B.weight,
+                scaling,
+                gate.input_scale,
+                gate.num_static,
             )
         return result + gated_delta(x, lora_A, lora_B, gate, scaling)
 

@@ -1,0 +1,180 @@
+"""Forward (inference) speed of a compacted DISeL adapter, with and without its static part merged.
+
+One process, one randomly initialised Llama-style decoder (nothing downloaded), adapters on every linear
+layer. The DISeL adapter is synthetic with a stated split: in every layer a random ``--closed`` fraction of
+the rank components has a gate that is always closed (b_g = -12, W_g = 0), an ``--open`` fraction one that is
+always open (b_g = +12, W_g = 0), and the rest input-dependent gates (b_g = 0, random W_g). The gates are then
+recorded on the benchmark input and compacted with the library (``plan_compaction``,
+``add_compacted_adapter``, ``merge_static``), so what is timed is what ``disel compact`` produces.
+
+Contenders, timed interleaved (rotating order, medians, paired ratios with IQR):
+
+* ``disel``: the uncompacted adapter (fused kernel);
+* ``compact``: dropped + static + gated components (fused kernel with ``num_static``);
+* ``compact_module_path``: the same on the module path (what compacted layers ran before the fused kernel
+  took static components);
+* ``compact_merged``: static part merged into the base weights, only the gated components left;
+* ``lora``: PEFT LoRA of the same rank, unmerged;
+* ``base``: the model without adapters.
+
+    python benchmarks/bench_compact.py --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import sys
+
+import peft
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import disel
+from disel.analysis import GateRecorder, add_compacted_adapter, cost_report, plan_compaction
+from disel.commands.bench import _interleave, _runner, _summary, machine_info
+from disel.utils.io import atomic_write_json
+
+
+def synthetic_disel(base: torch.nn.Module, r: int, closed: float, opened: float, seed: int) -> peft.PeftModel:
+    """DISeL adapter on every linear layer with a fixed fraction of closed / open / input-dependent gates."""
+    pm = peft.get_peft_model(base, disel.DiselConfig(r=r, lora_alpha=2 * r, target_modules="all-linear"))
+    gen = torch.Generator().manual_seed(seed)
+    n_closed, n_open = round(closed * r), round(opened * r)
+    with torch.no_grad():
+        for _, mod in pm.named_modules():
+            if not isinstance(mod, disel.DiselLinear):
+                continue
+            b = mod.lora_B["default"].weight
+            b.copy_(torch.randn(b.shape, generator=gen) * 0.02)
+            g = mod.lora_gate["default"]
+            perm = torch.randperm(r, generator=gen)
+            g.weight.copy_(torch.randn(g.weight.shape, generator=gen) * g.weight.shape[1] ** -0.5)
+            g.bias.zero_()
+            for i in perm[:n_closed].tolist():
+                g.weight[i].zero_()
+                g.bias[i] = -12.0
+            for i in perm[n_closed : n_closed + n_open].tolist():
+                g.weight[i].zero_()
+                g.bias[i] = 12.0
+    return pm.eval()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--hidden", type=int, default=1024)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--vocab", type=int, default=2048)
+    p.add_argument("--r", type=int, default=64)
+    p.add_argument("--tokens", type=int, default=256)
+    p.add_argument("--closed", type=float, default=0.5, help="Fraction of components with closed gates.")
+    p.add_argument("--open", type=float, default=0.25, help="Fraction of components with open gates.")
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--out", default=None, help="Write the results as JSON here.")
+    args = p.parse_args(argv)
+    if not (args.closed >= 0 and args.open >= 0 and args.closed + args.open <= 1):
+        p.error("--closed and --open must be fractions with closed + open <= 1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        intermediate_size=int(args.hidden * 2.6875),
+        num_hidden_layers=args.layers,
+        num_attention_heads=max(1, args.hidden // 128),
+        num_key_value_heads=max(1, args.hidden // 128),
+        max_position_embeddings=max(2048, args.tokens),
+    )
+    base = LlamaForCausalLM(cfg).eval()
+    ids = torch.randint(0, args.vocab, (1, args.tokens), generator=torch.Generator().manual_seed(1))
+
+    pm = synthetic_disel(copy.deepcopy(base), args.r, args.closed, args.open, seed=2)
+    with torch.no_grad(), GateRecorder(pm, thresholds=(0.02, 0.98)) as rec:
+        pm(input_ids=ids)
+    plan = plan_compaction(rec.stats())
+    compact = copy.deepcopy(pm)
+    add_compacted_adapter(compact, plan, "default", "compact")
+    compact.set_adapter("compact")
+    compact.delete_adapter("default")
+    merged = copy.deepcopy(compact)
+    merge_counts = disel.merge_static(merged, "compact")
+    lora = peft.get_peft_model(
+        copy.deepcopy(base), peft.LoraConfig(r=args.r, lora_alpha=2 * args.r, target_modules="all-linear")
+    ).eval()
+    with torch.no_grad():
+        for n, w in lora.named_parameters():
+            if "lora_B" in n:
+                w.normal_(0.0, 0.02)
+
+    with torch.no_grad():
+        logits = {n: m(input_ids=ids).logits for n, m in (("disel", pm), ("compact", compact), ("m", merged))}
+    fidelity = {
+        "compact_vs_disel_max_abs_logit_diff": float((logits["compact"] - logits["disel"]).abs().max()),
+        "merged_vs_compact_max_abs_logit_diff": float((logits["m"] - logits["compact"]).abs().max()),
+    }
+
+    models = {
+        "disel": (pm, False),
+        "compact": (compact, False),
+        "compact_module_path": (compact, True),
+        "compact_merged": (merged, False),
+        "lora": (lora, False),
+        "base": (base, False),
+    }
+
+    def forward(m: torch.nn.Module) -> None:
+        with torch.no_grad():
+            m(input_ids=ids)
+
+    runners = {n: _runner(m, ref, (lambda m=m: forward(m)), "cpu") for n, (m, ref) in models.items()}
+    times = _interleave(runners, args.repeats, warmup=1)
+    vs_disel, vs_base = _summary(times, "disel"), _summary(times, "base")
+    med = {n: statistics.median(t) for n, t in times.items()}
+    overhead = med["disel"] - med["base"]
+    res = {
+        "shape": {**vars(args)},
+        "machine": machine_info(),
+        "gates": f"synthetic: per layer {args.closed:.0%} closed, {args.open:.0%} open, rest input-dependent",
+        "counts": plan.counts(),
+        "merge_static": merge_counts,
+        "cost": cost_report(pm, plan),
+        "fidelity": fidelity,
+        "vs_disel": vs_disel,
+        "vs_base": vs_base,
+        "adapter_overhead_vs_disel": {
+            n: (med[n] - med["base"]) / overhead if overhead > 0 else float("nan") for n in med
+        },
+    }
+    c = res["counts"]
+    print(
+        f"Llama-style, hidden {args.hidden}, {args.layers} layers, r = {args.r}, {args.tokens} tokens, "
+        f"{torch.get_num_threads()} thread(s), {args.repeats} interleaved rounds; {res['gates']}"
+    )
+    print(
+        f"compaction: {c['components']} components, {c['dropped']} dropped, {c['folded']} folded, "
+        f"{c['gated']} gated; adapter MACs/token {res['cost']['macs_per_token_before']} -> "
+        f"{res['cost']['macs_per_token_after']} (merged: {res['cost']['macs_per_token_merged_static']})"
+    )
+    print(
+        f"max |logit diff|: compact vs disel {fidelity['compact_vs_disel_max_abs_logit_diff']:.2e}, "
+        f"merged vs compact {fidelity['merged_vs_compact_max_abs_logit_diff']:.2e}"
+    )
+    print("| contender | forward | × DISeL [IQR] | × base [IQR] | adapter overhead × DISeL's |")
+    print("|---|---|---|---|---|")
+    for n in models:
+        a, b = vs_disel[n], vs_base[n]
+        print(
+            f"| {n} | {1000 * med[n]:.1f} ms | {a['ratio']:.3f} [{a['ratio_q25']:.3f}, {a['ratio_q75']:.3f}] | "
+            f"{b['ratio']:.3f} [{b['ratio_q25']:.3f}, {b['ratio_q75']:.3f}] | "
+            f"{res['adapter_overhead_vs_disel'][n]:.2f} |"
+        )
+    if args.out:
+        atomic_write_json(args.out, res)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
