@@ -50,6 +50,7 @@ def build(method: str, mode: str, arch: str = "llama", calib=CALIB, rank: int = 
         method,
         rank=rank,
         calibration=lambda: calib,
+        task_calibration=lambda: calib,  # IPM reads the task data; here the same batches
         extra={"corda": {"mode": mode, "progress": False, **extra}},
     )
 

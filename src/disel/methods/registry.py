@@ -37,6 +37,10 @@ class MethodOptions:
     # or source-domain data, for methods that need data at build time (LaLoRA's curvature, CorDA's
     # covariance). A zero-argument callable so the data is only made when a method asks for it.
     calibration: Callable[[], Iterable[dict[str, Any]]] | None = None
+    # The same kind of batches drawn from the FINE-TUNING TASK (e.g. the first training batches), for methods
+    # that must preview the task at build time (CorDA's instruction-previewed mode). Separate from
+    # ``calibration`` because the two play opposite roles: knowledge to keep vs. task to learn.
+    task_calibration: Callable[[], Iterable[dict[str, Any]]] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
+from ..methods.gated_lora.layer import DiselGate
 from ..utils.io import atomic_write_json, read_json
 from .config import Config, effective_lr, gate_lr
 from .data import PadCollator, PreparedData, ensure_pad_token, prepare_data, read_rows
@@ -297,7 +298,26 @@ def calibration_batches(cfg: Config, tokenizer: Any) -> Callable[[], list[dict[s
     return make
 
 
-def adapt_model(cfg: Config, model: nn.Module, total_steps: int, tokenizer: Any = None) -> nn.Module:
+def task_calibration_batches(
+    cfg: Config, train_set: Any, tokenizer: Any
+) -> Callable[[], list[dict[str, torch.Tensor]]]:
+    """The first ``method.calibration_samples`` training examples as padded batches (CorDA-IPM previews the task)."""
+    m = cfg.method
+
+    def make() -> list[dict[str, torch.Tensor]]:
+        examples = [train_set[i] for i in range(min(len(train_set), m.calibration_samples))]
+        if not examples:
+            raise UserError("The training set is empty: CorDA's mode 'ipm' needs task examples.")
+        collate = PadCollator(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
+        bs = m.calibration_batch_size
+        return [collate(examples[i : i + bs]) for i in range(0, len(examples), bs)]
+
+    return make
+
+
+def adapt_model(
+    cfg: Config, model: nn.Module, total_steps: int, tokenizer: Any = None, train_set: Any = None
+) -> nn.Module:
     from ..methods.registry import MethodOptions, build_model
 
     m = cfg.method
@@ -317,6 +337,9 @@ def adapt_model(cfg: Config, model: nn.Module, total_steps: int, tokenizer: Any 
         gate_logit_scale=m.gate_logit_scale,
         extra=dict(m.extra),
         calibration=calibration_batches(cfg, tokenizer) if m.calibration and tokenizer is not None else None,
+        task_calibration=task_calibration_batches(cfg, train_set, tokenizer)
+        if train_set is not None and tokenizer is not None
+        else None,
     )
     adapted = build_model(model, m.name, opts)
     if cfg.task == "seq_cls":
@@ -455,7 +478,7 @@ def train(
         lalora_opts = dict(cfg.method.extra.get("lalora") or {})
         lalora_opts["curvature_dir"] = resume
         cfg.method.extra = {**cfg.method.extra, "lalora": lalora_opts}
-    model = adapt_model(cfg, base, total, tokenizer)
+    model = adapt_model(cfg, base, total, tokenizer, data.train)
 
     cbs = list(callbacks or [])
     if cfg.method.name == "adalora":
@@ -470,7 +493,8 @@ def train(
     args = training_arguments(cfg, run_dir, accum, progress)
     trainer_cls = make_trainer_class(trainer_base)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    uses_gates = cfg.method.name == "disel"
+    # every gated method (disel, disel+lalora, disel+corda, ...) gets the gates' own learning rate
+    uses_gates = any(isinstance(mod, DiselGate) for mod in model.modules())
     trainer = trainer_cls(
         model=model,
         args=args,

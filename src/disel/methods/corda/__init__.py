@@ -2,6 +2,8 @@
 
 ``corda``: PEFT's CorDA (KPM or IPM) with batched, cached covariance collection.
 ``corda++``: per-layer covariance selection and rank allocation by a compactness metric, fed to PEFT.
+``disel+corda``: DISeL with its down-projections initialised on CorDA directions (the base stays untouched).
+KPM reads ``MethodOptions.calibration`` (knowledge to keep), IPM reads ``MethodOptions.task_calibration``.
 Settings: ``MethodOptions.extra["corda"]`` (and ``extra["corda++"]`` for CorDA++), see docs/corda.md.
 """
 
@@ -12,7 +14,9 @@ from torch import nn
 from ..registry import MethodOptions, register_method
 from .core import (
     CordaInfo,
+    balance_factors,
     build_corda,
+    calibration_source,
     corda_info,
     export_to_lora,
     original_base,
@@ -21,6 +25,7 @@ from .core import (
     save_initial_adapter,
 )
 from .covariance import CovarianceSet, get_covariances
+from .gated import build_disel_corda, corda_directions, disel_corda_info
 from .plusplus import allocate_ranks, compactness, energy_spectrum, select_covariances
 
 
@@ -42,13 +47,28 @@ def _build_corda_pp(model: nn.Module, o: MethodOptions) -> nn.Module:
     return build_corda(model, o, "corda++")
 
 
+@register_method(
+    "disel+corda",
+    "DISeL whose down-projections start on CorDA's KPM directions of the knowledge to keep (inputs that data "
+    "barely excites); B = 0 and closed gates keep the model exactly the base at init.",
+    input_dependent=True,
+)
+def _build_disel_corda(model: nn.Module, o: MethodOptions) -> nn.Module:
+    return build_disel_corda(model, o)
+
+
 __all__ = [
     "CordaInfo",
     "CovarianceSet",
     "allocate_ranks",
+    "balance_factors",
     "build_corda",
+    "build_disel_corda",
+    "calibration_source",
     "compactness",
+    "corda_directions",
     "corda_info",
+    "disel_corda_info",
     "energy_spectrum",
     "export_to_lora",
     "get_covariances",

@@ -29,6 +29,7 @@ VARIANTS: dict[str, tuple[str, str | None]] = {
     "corda-ipm": ("corda", "ipm"),
     "corda++-kpm": ("corda++", "kpm"),
     "corda++-ipm": ("corda++", "ipm"),
+    "disel+corda": ("disel+corda", None),
 }
 
 
@@ -93,7 +94,8 @@ def run(out_dir: Path, steps: int, rank: int, n_calib: int, variants: list[str])
         opts = MethodOptions(
             rank=rank,
             target_modules=cfg.target_modules,
-            calibration=(lambda m=mode: calib[m]) if mode else None,
+            calibration=lambda: calib["kpm"],  # knowledge to keep (KPM)
+            task_calibration=lambda: calib["ipm"],  # the task (IPM)
             extra={"corda": {"mode": mode, "progress": False}} if mode else {},
         )
         model = build_model(model, method, opts)

@@ -44,6 +44,8 @@ class CordaInfo:
     cache_key: str
     cache_hit: bool
     tokens: list[int]
+    data: str = "calibration"  # the MethodOptions field the covariance came from
+    balanced: bool = False  # factors rescaled to equal norms per component (``balance`` setting)
     # original-model module name -> (A0, B0, scaling, fan_in_fan_out), on CPU
     initial_layers: dict[str, tuple[torch.Tensor, torch.Tensor, float, bool]] = field(default_factory=dict)
     initial_state: dict[str, torch.Tensor] = field(default_factory=dict)  # PEFT-format adapter state dict
@@ -58,7 +60,9 @@ class CordaInfo:
             "ranks": dict(self.ranks),
             "cache_key": self.cache_key,
             "cache_hit": self.cache_hit,
+            "calibration_data": self.data,
             "calibration_tokens": list(self.tokens),
+            "balanced": self.balanced,
         }
         if self.selection is not None:
             out["chosen_candidate"] = dict(self.selection.chosen)
@@ -111,6 +115,45 @@ def resolve_targets(model: nn.Module, o: MethodOptions) -> dict[str, nn.Module]:
     return out
 
 
+def calibration_source(o: MethodOptions, mode: str) -> tuple[Any, str]:
+    """The batch factory CorDA reads in ``mode``: KPM the knowledge to keep, IPM the fine-tuning task.
+
+    IPM without ``task_calibration`` is an error rather than a silent fall-back to ``calibration``: that
+    field holds the data to *keep*, and IPM on it adapts exactly the directions it should protect (on the
+    demo this wiped out retention: exp(-NLL) 0.025 -> 0.0007).
+    """
+    if mode == "ipm":
+        if o.task_calibration is None:
+            raise UserError(
+                "CorDA mode 'ipm' previews the fine-tuning task and needs task_calibration=<zero-argument "
+                "callable returning batches of task examples> in MethodOptions (calibration= holds the "
+                "knowledge to keep and is read by mode 'kpm')."
+            )
+        return o.task_calibration, "task_calibration"
+    return o.calibration, "calibration"
+
+
+@torch.no_grad()
+def balance_factors(model: nn.Module, names: list[str], adapter: str = "default") -> None:
+    """Rescale each rank-one component ``(b_i, a_i)`` to equal norms, keeping ``B A`` (so the init) unchanged.
+
+    PEFT's CorDA puts ``√σ_i · v_iᵀ Ĉ⁻¹`` in ``A`` and ``√σ_i · u_i`` in ``B``. In KPM the kept directions are
+    the ones the calibration data barely excites, where ``Ĉ⁻¹`` is ~1/damping: rows of ``A`` get norms in the
+    hundreds while ``B`` is tiny. Adam moves every entry by about ``lr``, so a step on ``B`` is amplified by
+    ``‖A x‖``: the adapter learns (and drifts) far faster than LoRA at the same learning rate. Equal norms
+    give the same product with LoRA-like step sizes (see docs/corda.md for the numbers).
+    """
+    inner = model.base_model.model
+    for n in names:
+        layer = inner.get_submodule(n)
+        a = layer.lora_A[adapter].weight
+        b = layer.lora_B[adapter].weight
+        na, nb = a.float().norm(dim=1), b.float().norm(dim=0)
+        d = torch.where((na > 0) & (nb > 0), (nb / na.clamp_min(1e-30)).sqrt(), torch.ones_like(na))
+        a.mul_(d.to(a.dtype)[:, None])
+        b.div_(d.to(b.dtype)[None, :])
+
+
 def _cost(mod: nn.Module) -> int:
     w = layer_weight(mod)
     return int(w.shape[0] + w.shape[1])
@@ -127,7 +170,8 @@ def build_corda(model: nn.Module, o: MethodOptions, method: str = "corda") -> nn
     mode = s["mode"]
     progress = bool(s.get("progress", True))
     targets = resolve_targets(model, o)
-    batches = materialize(o.calibration)
+    source, field_name = calibration_source(o, mode)
+    batches = materialize(source, field_name)
     plus = method == "corda++"
     k = int(s.get("num_candidates", 3)) if plus else 1
     k = max(1, min(k, len(batches)))
@@ -186,6 +230,9 @@ def build_corda(model: nn.Module, o: MethodOptions, method: str = "corda") -> nn
     peft_model = get_peft_model(model, cfg)
     # Drop PEFT's pointer to the deleted covariance file so saved configs carry no stale path.
     peft_model.peft_config["default"].corda_config = None
+    balanced = bool(s.get("balance", False))
+    if balanced:
+        balance_factors(peft_model, names)
 
     info = CordaInfo(
         method=method,
@@ -195,6 +242,8 @@ def build_corda(model: nn.Module, o: MethodOptions, method: str = "corda") -> nn
         cache_key=cs.key,
         cache_hit=cs.from_cache,
         tokens=list(cs.tokens),
+        data=field_name,
+        balanced=balanced,
         selection=selection,
         allocation=allocation,
     )

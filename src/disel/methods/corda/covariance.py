@@ -86,27 +86,25 @@ def cache_key(model_fp: str, data_fp: str, targets: Sequence[str], num_subsets: 
     return h.hexdigest()[:32]
 
 
-def materialize(calibration: Any) -> list[dict[str, Any]]:
-    """Call the zero-argument calibration factory and keep its batches (needed twice: hash, then forward)."""
+def materialize(calibration: Any, field: str = "calibration") -> list[dict[str, Any]]:
+    """Call the zero-argument batch factory ``field`` and keep its batches (needed twice: hash, then forward)."""
     if calibration is None:
         raise UserError(
-            "CorDA needs calibration data: pass calibration=<zero-argument callable returning batches of "
+            f"CorDA needs calibration data: pass {field}=<zero-argument callable returning batches of "
             "input_ids/attention_mask> in MethodOptions."
         )
     if not callable(calibration):
         raise UserError(
-            f"calibration={type(calibration).__name__} is not callable: pass a zero-argument function that "
+            f"{field}={type(calibration).__name__} is not callable: pass a zero-argument function that "
             "returns an iterable of model-ready batch dicts."
         )
     batches = [dict(b) for b in calibration()]
     if not batches:
-        raise UserError(
-            "The calibration callable returned no batches: give CorDA at least one batch of text."
-        )
+        raise UserError(f"The {field} callable returned no batches: give CorDA at least one batch of text.")
     for b in batches:
         if "input_ids" not in b and "inputs_embeds" not in b and "x" not in b:
             raise UserError(
-                f"A calibration batch has keys {sorted(b)}: each batch must be a dict with 'input_ids' "
+                f"A {field} batch has keys {sorted(b)}: each batch must be a dict with 'input_ids' "
                 "(and optionally 'attention_mask')."
             )
     return batches
