@@ -92,3 +92,29 @@ def test_short_style_problems():
     assert all(str(p.a + p.b if p.op == "+" else p.a - p.b) == p.answer for p in test + train)
     with pytest.raises(ValueError, match="style='long'"):
         arith_problems("test", 1, style="long")
+
+
+@pytest.mark.parametrize("style", ["word", "short", "count"])
+def test_question_holdout_is_an_iid_split_of_the_question_texts(style):
+    train = arith_problems("train", 2000, seed=0, max_value=9, holdout="question", style=style)
+    test = arith_problems("test", 60, seed=0, max_value=9, holdout="question", style=style)
+    train_q = {p.question for p in train}
+    test_q = [p.question for p in test]
+    assert not train_q & set(test_q)  # no test question is ever seen verbatim in training
+    assert len(set(test_q)) == len(test_q)  # distinct test questions while the space allows
+    # ... but the facts are shared: this split tests the task as taught, not generalisation to new facts
+    # (nearly all: a fact whose every wording hashed into the test split can be missing from training)
+    train_facts = {(p.op, p.a, p.b) for p in train}
+    assert sum((p.op, p.a, p.b) in train_facts for p in test) >= 0.9 * len(test)
+    assert all(str(p.a + p.b if p.op == "+" else p.a - p.b) == p.answer for p in test + train)
+    assert arith_problems("test", 60, seed=0, max_value=9, holdout="question", style=style) == test
+
+
+def test_qa_template_is_short_and_the_default_stays_alpaca():
+    qa = arith_problems("test", 5, seed=0, holdout="question", style="short", template="qa")
+    assert all(p.prompt == f"Question: {p.question}\nAnswer: " for p in qa)
+    alpaca = arith_problems("test", 5, seed=0, holdout="question", style="short")
+    assert [p.question for p in alpaca] == [p.question for p in qa]
+    assert all(p.prompt.endswith("### Response:\n") for p in alpaca)
+    with pytest.raises(ValueError, match="template='chat'"):
+        arith_problems("test", 1, template="chat")

@@ -154,6 +154,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--threads", type=int, default=1, help="torch CPU threads (1 is fastest on a busy machine)"
     )
+    ap.add_argument(
+        "--merge-static",
+        action="store_true",
+        help="also merge the always-open components into the base weights (disel compact --merge-static)",
+    )
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     wd = Path(a.workdir)
@@ -192,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
             str(wd / "compact"),
             "--max-sequences",
             "60",
+            *(["--merge-static"] if a.merge_static else []),
         ]
     )
 

@@ -16,7 +16,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--rank", type=int, default=None, help="Adapter rank shared by every method (default 8).")
     p.add_argument("--steps", type=int, default=None, help="Fine-tuning steps per method.")
-    p.add_argument("--lr", type=float, default=None, help="Learning rate of the adapters (default 1e-3).")
+    p.add_argument("--lr", type=float, default=None, help="Learning rate of the adapters (default 1.5e-3).")
     p.add_argument("--gate-bias-init", type=float, default=None, help="DISeL gate bias at init (default -5).")
     p.add_argument(
         "--gate-lr-multiplier", type=float, default=None, help="DISeL gate LR / adapter LR (default 5)."
@@ -28,7 +28,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--style",
         choices=["word", "short", "count"],
         default=None,
-        help="Word problems (default), short ones ('What is 7 plus 5?') or counting (one up / one down).",
+        help="Short problems ('What is 7 plus 5?', default), word problems ('Tom has 7 apples and buys 5 "
+        "more...') or counting (one up / one down).",
     )
     p.add_argument(
         "--extra",
@@ -37,9 +38,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--holdout",
-        choices=["wording", "fact"],
+        choices=["question", "wording", "fact"],
         default=None,
-        help="Test problems use unseen arithmetic facts (default) or unseen wording over trained facts.",
+        help="Test problems: unseen question texts over trained facts and wordings (default), unseen "
+        "wording (templates, names, objects), or unseen arithmetic facts.",
+    )
+    p.add_argument(
+        "--template",
+        choices=["qa", "alpaca"],
+        default=None,
+        help="Prompt format: 'Question: ... Answer:' (default, short and fast) or the Alpaca template.",
     )
     p.add_argument("--seed", type=int, default=0, help="Seed for data, adapter init and batch order.")
     p.add_argument("--quick", action="store_true", help="A tiny version for CI (about a minute).")
@@ -62,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
         if args.steps < 1:
             raise UserError(f"--steps {args.steps} is invalid: use a positive integer such as 150.")
         over["steps"] = args.steps
-    for key in ("lr", "gate_bias_init", "gate_lr_multiplier", "max_value", "holdout", "style"):
+    for key in ("lr", "gate_bias_init", "gate_lr_multiplier", "max_value", "holdout", "style", "template"):
         value = getattr(args, key)
         if value is not None:
             if key in ("lr", "gate_lr_multiplier") and value <= 0:

@@ -1,18 +1,23 @@
 """Arithmetic word problems with exact answers: a fine-tuning task a small stdlib-pretrained LM cannot do.
 
 Problems are templated English sentences ("Tom has 12 apples and buys 7 more. How many apples does Tom
-have?" -> "19"), deterministic for a seed. Two ways to hold out a test set:
+have?" -> "19"), deterministic for a seed. Three ways to hold out a test set, from easiest to hardest:
 
-- ``holdout="wording"`` (the demo's default): test problems use sentence templates, names and objects that
-  never occur in training, over the same arithmetic facts; accuracy measures whether the model learned to
-  read a new word problem and answer it, which a few-million-parameter model can do after a short fine-tune.
+- ``holdout="question"`` (the demo's default): an i.i.d. split of the question texts. Test questions never
+  occur verbatim in training, but their facts, templates, names and objects all do; accuracy measures
+  whether the model learned the task as it was taught, the usual supervised-learning test. A
+  few-million-parameter model learns it in a few hundred steps.
+- ``holdout="wording"``: test problems use sentence templates, names and objects that never occur in
+  training, over the same arithmetic facts: reading a new kind of sentence. The shipped 3.6M-parameter model
+  stays near chance here even when it answers every training problem (it has too little English).
 - ``holdout="fact"``: test facts (operation, a, b) never occur in training, so accuracy measures arithmetic
-  generalisation; a tiny model stays near chance there, which makes accuracy too noisy to compare methods.
+  generalisation; a tiny model stays near chance there too.
 Prompts use the Alpaca instruction template; the loss is on the response tokens only.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import random
 from dataclasses import dataclass
@@ -22,6 +27,9 @@ ALPACA_TEMPLATE = (
     "Below is an instruction that describes a task. Write a response that appropriately completes the "
     "request.\n\n### Instruction:\n{instruction}\n\n### Response:\n"
 )
+# A compact question/answer format: a third of the Alpaca prompt's tokens, so three times the steps per second.
+QA_TEMPLATE = "Question: {instruction}\nAnswer: "
+TEMPLATES = {"alpaca": ALPACA_TEMPLATE, "qa": QA_TEMPLATE}
 
 NAMES = ("Tom", "Anna", "Ben", "Lucy", "Sam", "Mia", "Leo", "Emma", "Max", "Zoe", "Omar", "Ivy")
 ITEMS = ("apples", "books", "coins", "pencils", "cards", "stamps", "marbles", "shells", "stickers", "cookies")
@@ -63,10 +71,11 @@ class Problem:
     op: str
     a: int
     b: int
+    template: str = ALPACA_TEMPLATE
 
     @property
     def prompt(self) -> str:
-        return ALPACA_TEMPLATE.format(instruction=self.question)
+        return self.template.format(instruction=self.question)
 
 
 def _facts(max_value: int) -> list[tuple[str, int, int]]:
@@ -75,7 +84,7 @@ def _facts(max_value: int) -> list[tuple[str, int, int]]:
     return facts
 
 
-def _is_test(fact: tuple[str, int, int], seed: int, test_fraction: float) -> bool:
+def _is_test(fact: tuple[str, int, int] | str, seed: int, test_fraction: float) -> bool:
     h = hashlib.sha1(f"{seed}:{fact}".encode()).hexdigest()[:8]
     return int(h, 16) / 0xFFFFFFFF < test_fraction
 
@@ -113,11 +122,13 @@ def arith_problems(
     test_fraction: float = 0.2,
     holdout: str = "fact",
     style: str = "word",
+    template: str = "alpaca",
 ) -> list[Problem]:
-    """``n`` problems of ``split`` ("train" or "test"), held out by ``holdout`` ("fact" or "wording").
+    """``n`` problems of ``split`` ("train" or "test"), held out by ``holdout`` ("question", "wording", "fact").
 
     Train problems are sampled with replacement from the train facts (with fresh wording); test problems
-    cycle through the shuffled test facts, so a small test set covers distinct facts.
+    cycle through the shuffled test facts, so a small test set covers distinct facts. With "question",
+    problems are drawn from everything and sorted into the splits by a hash of the question text.
     """
     if split not in ("train", "test"):
         raise ValueError(f"split={split!r} is invalid: use 'train' or 'test'.")
@@ -125,11 +136,29 @@ def arith_problems(
         raise ValueError(f"max_value={max_value!r} is too small: use 2 or more.")
     if style not in ("word", "short", "count"):
         raise ValueError(f"style={style!r} is invalid: use 'word', 'short' or 'count'.")
-    if holdout not in ("fact", "wording"):
-        raise ValueError(f"holdout={holdout!r} is invalid: use 'fact' or 'wording'.")
+    if holdout not in ("question", "fact", "wording"):
+        raise ValueError(f"holdout={holdout!r} is invalid: use 'question', 'wording' or 'fact'.")
+    if template not in TEMPLATES:
+        raise ValueError(f"template={template!r} is invalid: use 'alpaca' or 'qa'.")
     all_facts = _facts(max_value)
     if style == "count":
         all_facts = [f for f in all_facts if f[2] == 1]
+    if holdout == "question":
+        problems = _question_split(split, n, seed, all_facts, test_fraction, style)
+    else:
+        problems = _fact_or_wording_split(split, n, seed, all_facts, test_fraction, holdout, style)
+    return [dataclasses.replace(p, template=TEMPLATES[template]) for p in problems]
+
+
+def _fact_or_wording_split(
+    split: str,
+    n: int,
+    seed: int,
+    all_facts: list[tuple[str, int, int]],
+    test_fraction: float,
+    holdout: str,
+    style: str,
+) -> list[Problem]:
     if holdout == "fact":
         facts = [f for f in all_facts if _is_test(f, seed, test_fraction) == (split == "test")]
         wording = "any"
@@ -143,6 +172,28 @@ def arith_problems(
     else:
         chosen = [rng.choice(facts) for _ in range(n)]
     return [_render(f, rng, wording, style) for f in chosen]
+
+
+def _question_split(
+    split: str, n: int, seed: int, facts: list[tuple[str, int, int]], test_fraction: float, style: str
+) -> list[Problem]:
+    """Problems whose question text hashes into ``split``; test problems are distinct while there are enough."""
+    rng = random.Random(f"{seed}:{split}:question")
+    want_test = split == "test"
+    out: list[Problem] = []
+    seen: set[str] = set()
+    tries = 0
+    while len(out) < n:
+        tries += 1
+        p = _render(rng.choice(facts), rng, "any", style)
+        if _is_test(p.question, seed, test_fraction) != want_test:
+            continue
+        # distinct test questions, unless the space is exhausted (tiny settings): then repeats are allowed
+        if want_test and p.question in seen and tries < 50 * n:
+            continue
+        seen.add(p.question)
+        out.append(p)
+    return out
 
 
 def encode_sft(problems: list[Problem], tokenizer: Any, max_length: int = 128) -> list[dict[str, list[int]]]:

@@ -43,9 +43,9 @@ class DemoConfig:
     methods: list[str] = field(default_factory=lambda: ["lora", "disel"])
     rank: int = 8
     seed: int = 0
-    steps: int = 200
+    steps: int = 600
     batch_size: int = 16
-    lr: float = 1e-3
+    lr: float = 1.5e-3
     lr_full: float = 3e-4  # full fine-tuning moves every weight: a smaller step, as usual
     warmup_steps: int = 10
     weight_decay: float = 0.0
@@ -54,9 +54,12 @@ class DemoConfig:
     target_modules: str | list[str] = "all-linear"
     max_value: int = 9  # operands of the word problems (0-9: answers 0-18)
     # "word" problems ("Tom has 6 apples and buys 3 more..."), "short" ("What is 6 plus 3?") or "count" (a +/- 1)
-    style: str = "word"
-    # test problems: unseen arithmetic facts ("fact") or unseen templates/names/objects ("wording")
-    holdout: str = "fact"
+    style: str = "short"
+    # test problems: unseen question texts over the trained facts and wordings ("question"), unseen arithmetic
+    # facts ("fact") or unseen templates/names/objects ("wording"); see disel.experiments.arith
+    holdout: str = "question"
+    # prompt format: "qa" ("Question: ...\nAnswer: ") or "alpaca" (the Alpaca instruction template)
+    template: str = "qa"
     n_test: int = 100
     n_retention: int = 48  # held-out texts per pretraining domain
     retention_max_tokens: int = 128
@@ -230,10 +233,9 @@ def run_demo(cfg: DemoConfig, out_dir: str | Path, log: Callable[[str], None] = 
         )
     base_model, tok = load_demo_model(model_dir)
     n_train = cfg.steps * cfg.batch_size
-    train = encode_sft(
-        arith_problems("train", n_train, cfg.seed, cfg.max_value, holdout=cfg.holdout, style=cfg.style), tok
-    )
-    test = arith_problems("test", cfg.n_test, cfg.seed, cfg.max_value, holdout=cfg.holdout, style=cfg.style)
+    task = dict(holdout=cfg.holdout, style=cfg.style, template=cfg.template)
+    train = encode_sft(arith_problems("train", n_train, cfg.seed, cfg.max_value, **task), tok)
+    test = arith_problems("test", cfg.n_test, cfg.seed, cfg.max_value, **task)
     log(f"[demo] loading held-out stdlib text ({cfg.n_retention} texts per domain)")
     held = retention_texts(cfg.n_retention)
     # Gates are read on every token: the arithmetic prompt and answer, and the raw held-out text.
@@ -263,6 +265,11 @@ def run_demo(cfg: DemoConfig, out_dir: str | Path, log: Callable[[str], None] = 
             # methods that read data at build time (LaLoRA's curvature, CorDA's covariance) see the
             # pretraining domains: the knowledge to keep
             calibration=lambda: calibration_batches(tok, cfg),
+            # ... and methods that preview the task (CorDA's IPM) read the first training problems
+            task_calibration=lambda: [
+                _collate(train[i : i + 8], tok.pad_token_id)
+                for i in range(0, min(len(train), cfg.n_calibration), 8)
+            ],
             extra=dict(cfg.method_extra),
         )
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -322,6 +329,19 @@ def _gate_auroc(stats: dict[str, Any]) -> dict[str, float]:
     return domain_report(stats, target="arithmetic")["auroc"]["mid_late"]
 
 
+_STYLES = {
+    "short": 'short questions such as "What is 6 plus 3?"',
+    "word": 'word problems such as "Tom has 6 apples and buys 3 more. How many apples does Tom have?"',
+    "count": 'counting questions such as "What number comes after 6?"',
+}
+_TEMPLATES = {"qa": 'prompt "Question: ...\\nAnswer: "', "alpaca": "Alpaca instruction template"}
+_HOLDOUTS = {
+    "question": "test questions never seen verbatim in training, over the trained facts and wordings",
+    "wording": "test problems worded with templates, names and objects unseen in training",
+    "fact": "test facts unseen in training",
+}
+
+
 def write_report(results: dict[str, Any], gate_samples: dict[str, Any], out: Path) -> None:
     import matplotlib
 
@@ -362,14 +382,10 @@ def write_report(results: dict[str, Any], gate_samples: dict[str, Any], out: Pat
         "# disel demo",
         "",
         "The shipped stdlib-pretrained model "
-        f"({results['model'].get('parameters', 0) / 1e6:.2f}M parameters) was fine-tuned on arithmetic word "
-        f"problems (operands 0-{cfg['max_value']}; "
-        + (
-            "test problems worded with templates, names and objects unseen in training"
-            if cfg.get("holdout", "fact") == "wording"
-            else "test facts unseen in training"
-        )
-        + f") for {cfg['steps']} steps of "
+        f"({results['model'].get('parameters', 0) / 1e6:.2f}M parameters) was fine-tuned on arithmetic "
+        f"problems ({_STYLES.get(cfg.get('style', 'word'), cfg.get('style'))}, operands 0-{cfg['max_value']}, "
+        f"{_TEMPLATES.get(cfg.get('template', 'alpaca'), cfg.get('template'))}; "
+        f"{_HOLDOUTS.get(cfg.get('holdout', 'fact'), cfg.get('holdout'))}) for {cfg['steps']} steps of "
         f"{cfg['batch_size']} examples, rank {cfg['rank']}, seed {cfg['seed']}.",
         "",
         f"- Target: exact-match accuracy of greedy answers on {cfg['n_test']} test problems.",
