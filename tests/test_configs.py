@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from disel.training.config import load_config
 from disel.training.dryrun import dry_run_config
@@ -16,12 +15,7 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 PAPER = ["llama2-7b-metamathqa.yaml", "mistral-7b-magicoder.yaml", "roberta-base-glue.yaml"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
 @pytest.mark.parametrize("name", PAPER)

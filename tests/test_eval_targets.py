@@ -13,13 +13,7 @@ from disel.evaluation.targets import matthews_corrcoef
 from disel.testing import tiny_model
 from disel.testing_tokenizers import tiny_tokenizer
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_matthews_correlation_against_the_formula():

@@ -6,20 +6,9 @@ then recorded on held-out arithmetic, English docstrings and Python source.
 
 from __future__ import annotations
 
-import pytest
-import torch
-
 from disel.analysis.api import domain_report, load_adapter, pad_id, record_gates
 from disel.analysis.demo import build_trained_adapter, write_domains
 from disel.analysis.domains import encode_items, load_items
-
-
-@pytest.fixture
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # deterministic and fast for tiny matrices
-    yield
-    torch.set_num_threads(n)
 
 
 def test_gates_open_more_on_the_fine_tuning_domain(tmp_path, one_thread):

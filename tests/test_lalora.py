@@ -22,6 +22,7 @@ from disel.methods.lalora import (
     lambda_sweep,
     load_curvature,
     penalty,
+    plot_sweep,
     save_curvature,
     set_lambda,
     train_plain,
@@ -29,14 +30,7 @@ from disel.methods.lalora import (
 from disel.methods.lalora.curvature import CurvatureState, lora_sites
 from disel.testing import TinyMLP, tiny_model
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matrices: one intra-op thread avoids oversubscription on a shared CPU (restored afterwards)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
 def lm_batches(n: int = 3, bsz: int = 3, seq: int = 10, seed: int = 0, pad: bool = True) -> list[dict]:
@@ -346,7 +340,12 @@ def test_larger_lambda_keeps_theta_closer_to_theta0(tmp_path):
     )
     dist = [p["distance"] for p in points]
     assert dist[0] > dist[1] > dist[2] > 0
-    assert (tmp_path / "lambda_sweep.png").read_bytes()[:4] == b"\x89PNG"
+    png = (tmp_path / "lambda_sweep.png").read_bytes()
+    assert png[:4] == b"\x89PNG"
+    # plot_sweep writes the figure itself (atomically, no temp file left) and returns where it went.
+    direct = plot_sweep(points, tmp_path / "sub" / "curve.png")
+    assert direct == tmp_path / "sub" / "curve.png" and direct.read_bytes() == png
+    assert [f.name for f in direct.parent.iterdir()] == ["curve.png"]
     m = make(0.0)
     set_lambda(m, 7.0)
     assert get_penalty(m).lam == 7.0

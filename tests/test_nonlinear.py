@@ -5,18 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from disel.errors import UserError
 from disel.experiments.nonlinear import NonlinearConfig, format_table, match_ranks, run_nonlinear
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 SMALL = dict(seeds=1, steps=60, train_samples=300, test_samples=300, hidden=16)

@@ -125,7 +125,7 @@ def assets(tmp_path_factory):
     return root
 
 
-def test_sweep_survives_sigkill_mid_run(tmp_path, assets):
+def test_sweep_survives_sigkill_mid_run(tmp_path, assets, one_thread):
     cfg = {**_base(tmp_path, str(assets / "llama"), str(assets / "inst.jsonl"))}
     cfg["grid"] = {"method": ["lora", "disel"], "seed": [0]}
     cfg["method"]["name"] = "lora"
@@ -177,13 +177,6 @@ def test_sweep_survives_sigkill_mid_run(tmp_path, assets):
 
     info = json.loads((killed / "run.json").read_text())
     clean_cfg = config_from_dict({**info["config"], "output": {"dir": str(tmp_path / "clean")}})
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        clean = train(clean_cfg, progress=False, store=ResultsStore(tmp_path / "clean"))
-    finally:
-        torch.set_num_threads(n)
+    clean = train(clean_cfg, progress=False, store=ResultsStore(tmp_path / "clean"))
     clean_info = json.loads((clean.run_dir / "run.json").read_text())
     assert clean_info["trainable_sha256"] == info["trainable_sha256"]

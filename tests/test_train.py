@@ -21,14 +21,7 @@ from disel.training.config import (
 )
 from disel.training.data import ALPACA_TEMPLATE, MAGICODER_TEMPLATE, prepare_data, read_rows
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny matmuls on a shared CPU are several times faster on one thread than on contended ones.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
 @pytest.fixture(scope="module")

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
+from ..utils.validate import check_int
 
 METHODS = ("lora", "disel", "queryable")
 
@@ -54,9 +55,7 @@ class NonlinearConfig:
             "steps",
             "seeds",
         ):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise UserError(f"{name}={v!r} is invalid: use a positive integer.")
+            check_int(name, getattr(self, name))
         if self.noise < 0:
             raise UserError(f"noise={self.noise!r} is invalid: use a standard deviation >= 0.")
         if not 1 <= self.top_k <= self.num_atoms:

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
+from ..utils.validate import check_finite, check_int
 
 METHODS: tuple[str, ...] = ("full", "lora", "disel")
 POPS: tuple[str, ...] = ("mse_ft", "mse_pt", "mse_mix")
@@ -81,9 +82,7 @@ class ToyConfig:
 
     def validate(self) -> ToyConfig:
         def need_int(name: str, lo: int, hi: int, fix: str) -> None:
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
-                raise UserError(f"{name}={v!r} is out of range: {fix}.")
+            check_int(name, getattr(self, name), lo, hi, problem="is out of range", fix=fix)
 
         need_int("dim", 2, 512, "use an integer dimension from 2 to 512 (default 8)")
         need_int("out_dim", 1, 512, "use an integer output dimension from 1 to 512 (default 8)")
@@ -98,9 +97,7 @@ class ToyConfig:
         need_int("steps", 1, 1_000_000, "use a positive number of optimisation steps (default 600)")
         need_int("seed", 0, 2**31 - 1, "use a non-negative integer seed below 2**31")
         for name in ("separation", "lr", "gate_lr", "gate_bias_init", "warmup", "gate_delay"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-                raise UserError(f"{name}={v!r} is not a finite number: pass a number such as 3.0.")
+            check_finite(name, getattr(self, name))
         if not 0.0 < self.separation <= 50.0:
             raise UserError(
                 f"separation={self.separation!r} is out of range: use a distance between the means in (0, 50]."

@@ -15,7 +15,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ...errors import UserError
-from ...utils.io import atomic_write_bytes, atomic_write_json
+from ...utils.io import atomic_write_json, save_figure
 from .penalty import regularizers
 
 
@@ -109,22 +109,20 @@ def write_sweep(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     jpath = atomic_write_json(out / f"{name}.json", points)
-    ppath = out / f"{name}.png"
-    atomic_write_bytes(ppath, plot_sweep(points, x_key, y_key, title, x_label, y_label))
+    ppath = plot_sweep(points, out / f"{name}.png", x_key, y_key, title, x_label, y_label)
     return jpath, ppath
 
 
 def plot_sweep(
     points: list[dict[str, Any]],
+    path: str | Path,
     x_key: str = "target",
     y_key: str = "retention",
     title: str = "LaLoRA: learning vs forgetting",
     x_label: str | None = None,
     y_label: str | None = None,
-) -> bytes:
-    """PNG bytes of the curve(s) (matplotlib Agg)."""
-    import io
-
+) -> Path:
+    """Draw the curve(s) (matplotlib Agg) and write them to ``path`` as a PNG, atomically; returns the path."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -145,7 +143,4 @@ def plot_sweep(
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
-    plt.close(fig)
-    return buf.getvalue()
+    return save_figure(fig, path, dpi=120)
