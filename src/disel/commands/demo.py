@@ -19,7 +19,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, default=None, help="Learning rate of the adapters (default 1.5e-3).")
     p.add_argument("--gate-bias-init", type=float, default=None, help="DISeL gate bias at init (default -5).")
     p.add_argument(
-        "--gate-lr-multiplier", type=float, default=None, help="DISeL gate LR / adapter LR (default 5)."
+        "--gate-lr-multiplier",
+        type=float,
+        default=None,
+        help="DISeL gate LR / adapter LR (default 1 in the demo).",
     )
     p.add_argument(
         "--max-value", type=int, default=None, help="Largest operand of the word problems (default 9)."
@@ -52,6 +55,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="Seed for data, adapter init and batch order.")
     p.add_argument("--quick", action="store_true", help="A tiny version for CI (about a minute).")
     p.add_argument("--model", default=None, help="A local causal LM directory instead of the shipped model.")
+    p.add_argument(
+        "--save-adapters",
+        action="store_true",
+        help="Also write each method's adapter (OUT/adapters/NAME) and the task data (OUT/data/*.jsonl).",
+    )
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's default).")
 
 
@@ -61,7 +69,13 @@ def run(args: argparse.Namespace) -> int:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if not methods:
         raise UserError(f"--methods {args.methods!r} names no method: pass e.g. --methods lora,disel.")
-    over: dict = {"methods": methods, "seed": args.seed, "threads": args.threads or None, "model": args.model}
+    over: dict = {
+        "methods": methods,
+        "seed": args.seed,
+        "threads": args.threads or None,
+        "model": args.model,
+        "save_adapters": args.save_adapters,
+    }
     if args.rank is not None:
         if args.rank < 1:
             raise UserError(f"--rank {args.rank} is invalid: use a positive integer such as 8.")
