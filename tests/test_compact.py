@@ -143,8 +143,13 @@ def test_compact_cli(tmp_path, capsys):
     args += ["--calibration", str(calib2)]
     assert cli([*args, "--max-sequences", "4", "--max-length", "32", "--timing-repeats", "2"]) == 0
     rep = json.loads((out / "compaction.json").read_text())
-    n_resp = len(tok(" A: 4", add_special_tokens=False)["input_ids"])
-    assert rep["calibration_tokens"] == 4 * 31 + n_resp  # 4 windows of BOS + 31 text tokens, and a response
+    n_pair = len(
+        tok("Q: 2+2?", add_special_tokens=False)["input_ids"]
+        + tok(" A: 4", add_special_tokens=False)["input_ids"]
+    )
+    # 4 windows of BOS + 31 text tokens, and the prompt/response pair: prompt tokens count for compaction
+    # (the adapter acts on them and the answer attends to them), only BOS does not
+    assert rep["calibration_tokens"] == 4 * 31 + n_pair
     assert rep["counts"]["folded"] == 40 and rep["counts"]["layers_removed"] == 1
     assert rep["fidelity"]["max_abs_logit_diff"] < 1e-3
     assert set(rep["timing_s"]) == {"default", "compact", "base"} and rep["speedup_forward"] > 0
@@ -270,3 +275,18 @@ def test_merge_static_without_gated_components_is_exactly_the_merged_base():
     assert not any(isinstance(m, disel.DiselLinear) for m in plain.modules())
     with torch.no_grad():
         assert torch.equal(plain(input_ids=ids).logits, got)
+
+
+def test_encode_items_masks_responses_for_analysis_and_every_token_for_compaction():
+    from disel.analysis.domains import Item, encode_items
+    from disel.testing_tokenizers import tiny_tokenizer
+
+    tok = tiny_tokenizer(128)
+    item = Item(" A: 4", prompt="Q: 2+2?")
+    n_p = len(tok("Q: 2+2?", add_special_tokens=False)["input_ids"])
+    n_r = len(tok(" A: 4", add_special_tokens=False)["input_ids"])
+    (resp,) = encode_items(tok, [item], 64, 4)
+    (every,) = encode_items(tok, [item], 64, 4, all_tokens=True)
+    assert resp.ids == every.ids and len(resp.ids) == 1 + n_p + n_r
+    assert resp.mask == [False] * (1 + n_p) + [True] * n_r
+    assert every.mask == [False] + [True] * (n_p + n_r)

@@ -113,8 +113,15 @@ class Encoded:
     mask: list[bool]
 
 
-def encode_items(tokenizer: Any, items: Sequence[Item], max_length: int, max_sequences: int) -> list[Encoded]:
-    """Tokenise items into at most ``max_sequences`` sequences of at most ``max_length`` tokens."""
+def encode_items(
+    tokenizer: Any, items: Sequence[Item], max_length: int, max_sequences: int, all_tokens: bool = False
+) -> list[Encoded]:
+    """Tokenise items into at most ``max_sequences`` sequences of at most ``max_length`` tokens.
+
+    The mask marks the response tokens of prompt/response items (the paper's analysis of what the adapter
+    does for the answer), or, with ``all_tokens``, every token but BOS: what compaction needs, since the
+    adapter acts on the prompt tokens too and the answer attends to them.
+    """
     bos = getattr(tokenizer, "bos_token_id", None)
     lead = [bos] if bos is not None else []
     room = max_length - len(lead)
@@ -132,7 +139,7 @@ def encode_items(tokenizer: Any, items: Sequence[Item], max_length: int, max_seq
         else:
             p_ids = tokenizer(item.prompt, add_special_tokens=False)["input_ids"]
             ids = (lead + p_ids + text_ids)[:max_length]
-            mask = ([False] * (len(lead) + len(p_ids)) + [True] * len(text_ids))[:max_length]
+            mask = ([False] * len(lead) + [all_tokens] * len(p_ids) + [True] * len(text_ids))[:max_length]
             if any(mask):
                 out.append(Encoded(ids, mask))
     return out

@@ -85,7 +85,9 @@ def run(args: argparse.Namespace) -> int:
     calib = []
     for src in args.calibration:
         items = load_items(src, args.max_sequences * 4)
-        calib += encode_items(tok, items, args.max_length, args.max_sequences)
+        # every token the adapter acts on counts, prompt tokens included: a component shut on the answers
+        # but open on the prompt still shapes the answer through attention
+        calib += encode_items(tok, items, args.max_length, args.max_sequences, all_tokens=True)
     stats = record_gates(
         model,
         calib,
