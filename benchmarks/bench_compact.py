@@ -29,11 +29,10 @@ import sys
 
 import peft
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 import disel
 from disel.analysis import GateRecorder, add_compacted_adapter, cost_report, plan_compaction
-from disel.commands.bench import _interleave, _runner, _summary, machine_info
+from disel.commands.bench import _interleave, _runner, _summary, bench_llama, machine_info
 from disel.utils.io import atomic_write_json
 
 
@@ -79,16 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=args.vocab,
-        hidden_size=args.hidden,
-        intermediate_size=int(args.hidden * 2.6875),
-        num_hidden_layers=args.layers,
-        num_attention_heads=max(1, args.hidden // 128),
-        num_key_value_heads=max(1, args.hidden // 128),
-        max_position_embeddings=max(2048, args.tokens),
-    )
-    base = LlamaForCausalLM(cfg).eval()
+    base = bench_llama(args.hidden, args.layers, args.vocab, args.tokens).eval()
     ids = torch.randint(0, args.vocab, (1, args.tokens), generator=torch.Generator().manual_seed(1))
 
     pm = synthetic_disel(copy.deepcopy(base), args.r, args.closed, args.open, seed=2)

@@ -16,9 +16,16 @@ from pathlib import Path
 
 import torch
 from tqdm import tqdm
-from transformers import LlamaConfig, LlamaForCausalLM
 
-from disel.commands.bench import _interleave, _runner, _summary, adapt_contenders, machine_info, saved_bytes
+from disel.commands.bench import (
+    _interleave,
+    _runner,
+    _summary,
+    adapt_contenders,
+    bench_llama,
+    machine_info,
+    saved_bytes,
+)
 from disel.utils.io import atomic_write_json
 
 
@@ -26,16 +33,7 @@ def build(
     args: argparse.Namespace, device: str, dtype: torch.dtype
 ) -> dict[str, tuple[torch.nn.Module, bool]]:
     torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=args.vocab,
-        hidden_size=args.hidden,
-        intermediate_size=int(args.hidden * 2.6875),
-        num_hidden_layers=args.layers,
-        num_attention_heads=max(1, args.hidden // 128),
-        num_key_value_heads=max(1, args.hidden // 128),
-        max_position_embeddings=max(2048, args.tokens),
-    )
-    base = LlamaForCausalLM(cfg).to(device=device, dtype=dtype)
+    base = bench_llama(args.hidden, args.layers, args.vocab, args.tokens).to(device=device, dtype=dtype)
     return adapt_contenders(base, args.r, "all-linear")
 
 

@@ -32,3 +32,19 @@ def one_thread_module() -> Iterator[None]:
     """One torch thread for a whole module, so module-scoped fixtures (models built once) use it too."""
     with _single_torch_thread():
         yield
+
+
+@pytest.fixture
+def count_fused(monkeypatch):
+    """Counts calls of the fused kernel, so a test can tell which path actually ran."""
+    calls = {"n": 0}
+    from disel.methods.gated_lora import kernels
+
+    real = kernels.fused_gated_update
+
+    def spy(*args, **kwargs):
+        calls["n"] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(kernels, "fused_gated_update", spy)
+    return calls

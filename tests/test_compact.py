@@ -200,18 +200,11 @@ def _compacted(pattern=None, seed: int = 0):
     return pm, ids
 
 
-def test_compacted_forward_uses_fused_kernel(monkeypatch):
+def test_compacted_forward_uses_fused_kernel(count_fused):
     from disel.methods.gated_lora import kernels
 
     pm, ids = _compacted()
-    calls = {"n": 0}
-    real = kernels.fused_gated_update
-
-    def spy(*args, **kwargs):
-        calls["n"] += 1
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(kernels, "fused_gated_update", spy)
+    calls = count_fused
     with torch.no_grad():
         fast = pm(input_ids=ids).logits
         assert calls["n"] == 20  # every adapted layer (21 minus the removed one), static parts included

@@ -13,23 +13,8 @@ from torch import nn
 
 import disel
 from disel.cli import main as cli_main
-from disel.methods.gated_lora import kernels
 from disel.methods.gated_lora.kernels import _GatedLoRAFunction, fused_gated_update, reference_path
 from disel.testing import TinyMLP
-
-
-@pytest.fixture
-def count_fused(monkeypatch):
-    """Counts calls of the fused kernel, so a test can tell which path actually ran."""
-    calls = {"n": 0}
-    real = kernels.fused_gated_update
-
-    def spy(*args, **kwargs):
-        calls["n"] += 1
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(kernels, "fused_gated_update", spy)
-    return calls
 
 
 def _disel_mlp(seed: int = 0, dtype=torch.float32, autocast=True, **cfg) -> nn.Module:

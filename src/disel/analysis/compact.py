@@ -28,7 +28,6 @@ import math
 import os
 import shutil
 import statistics
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -41,6 +40,7 @@ from torch import nn
 
 from ..errors import UserError
 from ..methods.gated_lora.layer import DiselGate, DiselLinear
+from ..utils.io import atomic_dir
 from .stats import GateStats
 
 
@@ -176,18 +176,15 @@ def save_adapter(
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise UserError(f"output directory {out} is not empty; choose a new --out or remove it.")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         peft_model.save_pretrained(str(tmp), selected_adapters=[adapter])
-        src = tmp / adapter if adapter != "default" else tmp
+        if adapter != "default":  # PEFT nests non-default adapters in a subfolder
+            nested = tmp / adapter
+            for item in list(nested.iterdir()):
+                os.replace(item, tmp / item.name)
+            nested.rmdir()
         if tokenizer is not None:
-            tokenizer.save_pretrained(str(src))
-        if out.exists():
-            out.rmdir()
-        os.replace(src, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+            tokenizer.save_pretrained(str(tmp))
     return out
 
 
@@ -390,9 +387,7 @@ def save_merged(
         raise UserError(f"output directory {out} is not empty; choose a new --out or remove it.")
     if any(mod.lora_gate[adapter].num_static for mod in _layers(peft_model, adapter).values()):
         raise UserError(f"adapter {adapter!r} still has static components; call merge_static first.")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         if _layers(peft_model, adapter):
             cfg = peft_model.peft_config[adapter]
             cfg.base_model_name_or_path = str(out.resolve())
@@ -406,9 +401,4 @@ def save_merged(
         base.save_pretrained(str(tmp))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out

@@ -83,6 +83,22 @@ def build_contenders(
     return adapt_contenders(base, r, ["proj"])
 
 
+def bench_llama(hidden: int, layers: int, vocab: int, tokens: int) -> nn.Module:
+    """A randomly initialised Llama-style model of the given width and depth, for speed measurements only."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=int(hidden * 2.6875),  # Llama-2-7B's ratio (11008 / 4096)
+        num_hidden_layers=layers,
+        num_attention_heads=max(1, hidden // 128),
+        num_key_value_heads=max(1, hidden // 128),
+        max_position_embeddings=max(2048, tokens),
+    )
+    return LlamaForCausalLM(cfg)
+
+
 def adapt_contenders(
     base: nn.Module, r: int, target_modules: str | list[str]
 ) -> dict[str, tuple[nn.Module, bool]]:
