@@ -48,6 +48,11 @@ def test_demo_quick_end_to_end(tmp_path):
     assert _finite_in(res["wall_seconds"], 0.0, 1e6) and res["wall_seconds"] > 0
     report = (out / "report.md").read_text()
     assert "exp(-NLL)" in report and "| lora" in report and "| disel" in report
+    # the comparison sentence is computed from the same numbers as results.json
+    b, lo, di = res["base"]["retention"], res["methods"]["lora"], res["methods"]["disel"]
+    ratio = (b - di["retention"]) / (b - lo["retention"])
+    word = "smaller" if ratio < 1 else "larger"
+    assert f"- disel: retention loss {abs(1 - ratio):.0%} {word} than lora's" in report
 
 
 def test_demo_rejects_unknown_method(tmp_path, capsys):

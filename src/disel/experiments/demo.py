@@ -364,6 +364,25 @@ _HOLDOUTS = {
 }
 
 
+def _comparison(base: dict[str, Any], methods: dict[str, Any], reference: str = "lora") -> list[str]:
+    """One sentence per method: its retention loss against the reference's, beside both accuracies."""
+    if reference not in methods:
+        return []
+    ref = methods[reference]
+    ref_loss = base["retention"] - ref["retention"]
+    out = []
+    for name, r in methods.items():
+        if name == reference or ref_loss <= 0:
+            continue
+        ratio = (base["retention"] - r["retention"]) / ref_loss
+        word = "smaller" if ratio < 1 else "larger"
+        out.append(
+            f"- {name}: retention loss {abs(1 - ratio):.0%} {word} than {reference}'s "
+            f"(accuracy {r['target_accuracy']:.2f} vs {ref['target_accuracy']:.2f})."
+        )
+    return [*out, ""] if out else []
+
+
 def write_report(results: dict[str, Any], gate_samples: dict[str, Any], out: Path) -> None:
     import matplotlib
 
@@ -427,7 +446,7 @@ def write_report(results: dict[str, Any], gate_samples: dict[str, Any], out: Pat
             f"{base['retention'] - r['retention']:.4f} | {r['retention_ratio']:.3f} | {dom['docstrings']['ppl']:.2f} | "
             f"{dom['source']['ppl']:.2f} | {r['trainable_parameters']:,} | {r['seconds']} |"
         )
-    lines += ["", "![trade-off](tradeoff.png)", ""]
+    lines += ["", *_comparison(base, methods), "![trade-off](tradeoff.png)", ""]
     if results["gates"]:
         lines += [
             "## DISeL gates by domain",
