@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 
+import peft
 import pytest
 
 from disel.cli import main
@@ -88,6 +89,8 @@ def test_demo_rejects_bad_extra(tmp_path, capsys, extra):
 
 
 def test_demo_saves_adapters_that_reload_to_the_same_scores(tmp_path):
+    """Each saved adapter loads on the ORIGINAL shipped model in one call and reproduces the demo's scores
+    (CorDA's is exported to plain LoRA, since its own adapter only fits the rewritten residual base)."""
     from peft import PeftConfig, PeftModel
 
     import disel
@@ -95,23 +98,35 @@ def test_demo_saves_adapters_that_reload_to_the_same_scores(tmp_path):
     from disel.experiments.demo import retention, retention_texts, target_accuracy
 
     out = tmp_path / "demo"
-    args = ["demo", "--quick", "--out", str(out), "--methods", "disel", "--save-adapters", "--steps", "20"]
+    args = [
+        "demo",
+        "--quick",
+        "--out",
+        str(out),
+        "--methods",
+        "disel,corda",
+        "--save-adapters",
+        "--steps",
+        "20",
+    ]
     assert main(args) == 0
     res = json.loads((out / "results.json").read_text())
-    adapter = out / "adapters" / "disel"
-    assert isinstance(PeftConfig.from_pretrained(str(adapter)), disel.DiselConfig)
-    test_rows = [json.loads(x) for x in (out / "data" / "arith_test.jsonl").read_text().splitlines()]
-    assert len(test_rows) == res["config"]["n_test"]
-    assert (
-        len((out / "data" / "arith_train.jsonl").read_text().splitlines()) == 20 * res["config"]["batch_size"]
-    )
-    base, tok = load_demo_model()
-    model = PeftModel.from_pretrained(base, str(adapter))
-    problems = [Problem(r["prompt"], r["response"], "+", 0, 0, template="{instruction}") for r in test_rows]
-    assert target_accuracy(model, tok, problems) == res["methods"]["disel"]["target_accuracy"]
-    # the retention score (a float that moved during training) is reproduced by the reloaded adapter
     cfg = res["config"]
-    score = retention(model, tok, retention_texts(cfg["n_retention"]), cfg["retention_max_tokens"])["score"]
-    assert score == pytest.approx(res["methods"]["disel"]["retention"], rel=1e-5)
-    assert score != pytest.approx(res["base"]["retention"], rel=1e-4)
+    test_rows = [json.loads(x) for x in (out / "data" / "arith_test.jsonl").read_text().splitlines()]
+    assert len(test_rows) == cfg["n_test"]
+    assert len((out / "data" / "arith_train.jsonl").read_text().splitlines()) == 20 * cfg["batch_size"]
+    problems = [Problem(r["prompt"], r["response"], "+", 0, 0, template="{instruction}") for r in test_rows]
+    kinds = {"disel": disel.DiselConfig, "corda": peft.LoraConfig}
+    for name, kind in kinds.items():
+        adapter = out / "adapters" / name
+        assert isinstance(PeftConfig.from_pretrained(str(adapter)), kind), name
+        base, tok = load_demo_model()
+        model = PeftModel.from_pretrained(base, str(adapter))
+        assert target_accuracy(model, tok, problems) == res["methods"][name]["target_accuracy"], name
+        # the retention score (a float that moved during training) is reproduced by the reloaded adapter
+        score = retention(model, tok, retention_texts(cfg["n_retention"]), cfg["retention_max_tokens"])[
+            "score"
+        ]
+        assert score == pytest.approx(res["methods"][name]["retention"], rel=1e-4), name
+        assert score != pytest.approx(res["base"]["retention"], rel=1e-4), name
     assert not list((out / "adapters").glob(".*"))  # no temporary folders left behind

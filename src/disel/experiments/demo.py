@@ -200,6 +200,22 @@ def calibration_batches(tok: Any, cfg: DemoConfig) -> list[dict[str, torch.Tenso
     return [_collate(rows[i : i + 8], tok.pad_token_id) for i in range(0, len(rows), 8)]
 
 
+def save_trained(model: nn.Module, tok: Any, path: Path) -> None:
+    """Save what a method trained so that it loads on the ORIGINAL shipped model in one call.
+
+    CorDA rewrites the base weights to a residual, so its own adapter only fits that residual: it is
+    exported as a plain LoRA adapter for the original base instead (PEFT's conversion)."""
+    if getattr(model, "_corda_info", None) is not None:
+        from ..methods.corda import export_to_lora
+
+        export_to_lora(model, path)
+        tok.save_pretrained(str(path))
+        return
+    with atomic_dir(path) as tmp:
+        model.save_pretrained(str(tmp))
+        tok.save_pretrained(str(tmp))
+
+
 def save_task_data(out: Path, cfg: DemoConfig) -> None:
     """The demo's train and test problems as prompt/response JSONL (readable by disel gates/compact/train)."""
     task = dict(holdout=cfg.holdout, style=cfg.style, template=cfg.template)
@@ -309,9 +325,7 @@ def run_demo(cfg: DemoConfig, out_dir: str | Path, log: Callable[[str], None] = 
         if any(isinstance(m, DiselGate) for m in model.modules()) and name == "disel":
             gate_samples = gate_stats(model, tok, gate_texts, cfg.retention_max_tokens)
         if cfg.save_adapters:
-            with atomic_dir(out / "adapters" / name) as tmp:
-                model.save_pretrained(str(tmp))
-                tok.save_pretrained(str(tmp))
+            save_trained(model, tok, out / "adapters" / name)
         log(
             f"[demo] {name}: accuracy {acc:.3f}, retention {ret['score']:.4f} "
             f"(base {base['retention']:.4f}), {methods[name]['seconds']}s"
