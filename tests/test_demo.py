@@ -42,7 +42,7 @@ def test_demo_quick_end_to_end(tmp_path):
         assert _finite_in(r["retention"], 0.0, 1.0) and r["retention"] > 0, name
         assert _finite_in(r["target_accuracy"], 0.0, 1.0), name
         assert r["rank"] == 8
-    assert set(res["gates"]) == {"arithmetic", "docstrings", "source"}
+    assert set(res["gates"]) == {"arithmetic", "docstrings", "source"} and res["gates_method"] == "disel"
     assert all(_finite_in(v, 0.0, 1.0) for v in res["gates"].values())
     assert set(res["gate_auroc"]) == {"docstrings", "source"}
     assert all(_finite_in(v, 0.0, 1.0) for v in res["gate_auroc"].values())
@@ -130,3 +130,18 @@ def test_demo_saves_adapters_that_reload_to_the_same_scores(tmp_path):
         assert score == pytest.approx(res["methods"][name]["retention"], rel=1e-4), name
         assert score != pytest.approx(res["base"]["retention"], rel=1e-4), name
     assert not list((out / "adapters").glob(".*"))  # no temporary folders left behind
+
+
+def test_demo_records_the_gates_of_a_combined_method_when_plain_disel_is_absent(tmp_path):
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--out", str(out), "--methods", "lora,disel+lalora", "--steps", "4"]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["gates_method"] == "disel+lalora"
+    assert set(res["gates"]) == {"arithmetic", "docstrings", "source"}
+    assert (out / "gates.png").is_file()
+    assert "## Gates of `disel+lalora` by domain" in (out / "report.md").read_text()
+    # no gated method at all: no gate section, and the JSON says so
+    out2 = tmp_path / "demo2"
+    assert main(["demo", "--quick", "--out", str(out2), "--methods", "lora", "--steps", "2"]) == 0
+    res2 = json.loads((out2 / "results.json").read_text())
+    assert res2["gates"] == {} and res2["gates_method"] is None and not (out2 / "gates.png").exists()

@@ -282,6 +282,7 @@ def run_demo(cfg: DemoConfig, out_dir: str | Path, log: Callable[[str], None] = 
 
     methods: dict[str, dict[str, Any]] = {}
     gate_samples: dict[str, Any] = {}
+    gate_method = ""
     for name in cfg.methods:
         t_m = time.time()
         torch.manual_seed(cfg.seed)
@@ -322,8 +323,11 @@ def run_demo(cfg: DemoConfig, out_dir: str | Path, log: Callable[[str], None] = 
             "lr": lr,
             "seconds": round(time.time() - t_m, 1),
         }
-        if any(isinstance(m, DiselGate) for m in model.modules()) and name == "disel":
+        # gates of plain DISeL, or else of the first gated method (disel+lalora, disel+corda, ...)
+        gated = any(isinstance(m, DiselGate) for m in model.modules())
+        if gated and (name == "disel" or (not gate_method and "disel" not in cfg.methods)):
             gate_samples = gate_stats(model, tok, gate_texts, cfg.retention_max_tokens)
+            gate_method = name
         if cfg.save_adapters:
             save_trained(model, tok, out / "adapters" / name)
         log(
@@ -335,6 +339,7 @@ def run_demo(cfg: DemoConfig, out_dir: str | Path, log: Callable[[str], None] = 
         "base": {**base, **base_detail},
         "methods": methods,
         "gates": {d: float(st.group()["mean"]) for d, st in gate_samples.items()},
+        "gates_method": gate_method or None,
         "gate_auroc": _gate_auroc(gate_samples),
         "wall_seconds": round(time.time() - t0, 1),
         "retention_score": RETENTION_SCORE,
@@ -463,7 +468,7 @@ def write_report(results: dict[str, Any], gate_samples: dict[str, Any], out: Pat
     lines += ["", *_comparison(base, methods), "![trade-off](tradeoff.png)", ""]
     if results["gates"]:
         lines += [
-            "## DISeL gates by domain",
+            f"## Gates of `{results.get('gates_method') or 'disel'}` by domain",
             "",
             "Mean post-sigmoid gate value over every gate, rank-one component and token (recorded with "
             "`disel.analysis.GateRecorder`), and the AUROC of the per-sequence gate score (mean gate over the "
