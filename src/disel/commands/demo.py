@@ -15,7 +15,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="Comma-separated methods (see `disel methods`), e.g. lora,disel,dora.",
     )
     p.add_argument("--rank", type=int, default=None, help="Adapter rank shared by every method (default 8).")
-    p.add_argument("--steps", type=int, default=None, help="Fine-tuning steps per method.")
+    p.add_argument("--steps", type=int, default=None, help="Fine-tuning steps per method (default 600).")
     p.add_argument("--lr", type=float, default=None, help="Learning rate of the adapters (default 1.5e-3).")
     p.add_argument("--gate-bias-init", type=float, default=None, help="DISeL gate bias at init (default -5).")
     p.add_argument(
@@ -24,9 +24,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="DISeL gate LR / adapter LR (default 1 in the demo).",
     )
-    p.add_argument(
-        "--max-value", type=int, default=None, help="Largest operand of the word problems (default 9)."
-    )
+    p.add_argument("--max-value", type=int, default=None, help="Largest operand of the problems (default 9).")
     p.add_argument(
         "--style",
         choices=["word", "short", "count"],
