@@ -53,3 +53,28 @@ def test_dry_run_from_the_cli(capsys):
         main(["train", str(CONFIGS / PAPER[0]), "--dry-run", "--no-progress", "--method.name", "lora"]) == 0
     )
     assert "dry run finished: 2 steps" in capsys.readouterr().out
+
+
+def test_demo_sweep_config_trains_the_shipped_model_on_the_demo_data(tmp_path):
+    """configs/demo-arith-sweep.yaml for real (2 steps): the model alias, the saved data's fields, the prompt."""
+    from disel.experiments.demo import DemoConfig, demo_model_dir, save_task_data
+
+    save_task_data(tmp_path / "data", DemoConfig.quick())
+    train_file, test_file = tmp_path / "data" / "arith_train.jsonl", tmp_path / "data" / "arith_test.jsonl"
+    cfg = load_config(
+        CONFIGS / "demo-arith-sweep.yaml",
+        [
+            ("data.train", str(train_file)),
+            ("training.max_steps", 2),
+            ("training.save_steps", 1),
+            ("output.dir", str(tmp_path / "runs")),
+        ],
+    )
+    assert cfg.model.name == str(demo_model_dir())
+    assert cfg.grid == {"method": ["lora", "disel"], "method_options.rank": [4, 8], "seed": [0]}
+    assert cfg.eval["target"]["type"] == "exact_match" and cfg.eval["retention"] == ["stdlib-ppl"]
+    res = train(cfg, progress=False)
+    assert res.status == "finished" and res.global_step == 2 and 0 < res.train_loss < 20
+    # the test file has the fields the exact-match target reads
+    row = json.loads(test_file.read_text().splitlines()[0])
+    assert set(row) == {"prompt", "answer"} and row["prompt"].startswith("Question: ")

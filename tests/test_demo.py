@@ -115,7 +115,7 @@ def test_demo_saves_adapters_that_reload_to_the_same_scores(tmp_path):
     test_rows = [json.loads(x) for x in (out / "data" / "arith_test.jsonl").read_text().splitlines()]
     assert len(test_rows) == cfg["n_test"]
     assert len((out / "data" / "arith_train.jsonl").read_text().splitlines()) == 20 * cfg["batch_size"]
-    problems = [Problem(r["prompt"], r["response"], "+", 0, 0, template="{instruction}") for r in test_rows]
+    problems = [Problem(r["prompt"], r["answer"], "+", 0, 0, template="{instruction}") for r in test_rows]
     kinds = {"disel": disel.DiselConfig, "corda": peft.LoraConfig}
     for name, kind in kinds.items():
         adapter = out / "adapters" / name

@@ -89,6 +89,17 @@ def test_config_unknown_key_and_bad_type_name_the_field(tmp_path):
         config_from_dict({"data": {"train": "x"}})
 
 
+def test_demo_model_alias_resolves_to_the_shipped_model():
+    from disel.experiments.demo import demo_model_dir
+
+    cfg = config_from_dict({"model": {"name": "disel:demo-model"}, "data": {"train": "x.jsonl"}})
+    assert cfg.model.name == str(demo_model_dir()) and (Path(cfg.model.name) / "config.json").is_file()
+    cfg = config_from_dict(
+        {"model": {"name": "m", "tokenizer": "disel:demo-model"}, "data": {"train": "x.jsonl"}}
+    )
+    assert cfg.model.name == "m" and cfg.model.tokenizer == str(demo_model_dir())
+
+
 def test_overrides_from_yaml_and_cli(tmp_path):
     p = tmp_path / "c.yaml"
     p.write_text(yaml.safe_dump({"model": {"name": "m"}, "method": "lora", "data": {"train": "x.jsonl"}}))

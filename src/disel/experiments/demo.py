@@ -217,13 +217,14 @@ def save_trained(model: nn.Module, tok: Any, path: Path) -> None:
 
 
 def save_task_data(out: Path, cfg: DemoConfig) -> None:
-    """The demo's train and test problems as prompt/response JSONL (readable by disel gates/compact/train)."""
+    """The demo's train and test problems as ``{"prompt", "answer"}`` JSONL: training data for ``disel train``
+    (``response_field: answer``), the exact-match target of ``disel eval``, a domain for ``disel gates``."""
     task = dict(holdout=cfg.holdout, style=cfg.style, template=cfg.template)
     for split, n in (("train", cfg.steps * cfg.batch_size), ("test", cfg.n_test)):
         rows = arith_problems(split, n, cfg.seed, cfg.max_value, **task)
         atomic_write_text(
             out / f"arith_{split}.jsonl",
-            "".join(json.dumps({"prompt": p.prompt, "response": p.answer}) + "\n" for p in rows),
+            "".join(json.dumps({"prompt": p.prompt, "answer": p.answer}) + "\n" for p in rows),
         )
 
 

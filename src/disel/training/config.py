@@ -25,9 +25,12 @@ DATA_FORMATS = ("instruction", "classification", "text")
 TASKS = ("causal_lm", "seq_cls")
 
 
+DEMO_MODEL = "disel:demo-model"  # model.name alias for the shipped demo model
+
+
 @dataclass
 class ModelConfig:
-    """The base model: a hub id or a local directory that ``transformers`` loads."""
+    """The base model: a hub id, a local directory that ``transformers`` loads, or ``disel:demo-model``."""
 
     name: str = ""
     tokenizer: str | None = None  # defaults to ``name``
@@ -366,6 +369,14 @@ def validate(cfg: Config) -> None:
     m, d, t, o = cfg.method, cfg.data, cfg.training, cfg.output
     if not cfg.model.name:
         raise UserError("model.name is empty: set it to a hub id or a local model directory.")
+    if cfg.model.name == DEMO_MODEL or cfg.model.tokenizer == DEMO_MODEL:
+        # the small stdlib-pretrained model that ships inside the package (what `disel demo` uses)
+        from ..experiments.demo import demo_model_dir
+
+        cfg.model.name = str(demo_model_dir()) if cfg.model.name == DEMO_MODEL else cfg.model.name
+        cfg.model.tokenizer = (
+            str(demo_model_dir()) if cfg.model.tokenizer == DEMO_MODEL else cfg.model.tokenizer
+        )
     if cfg.model.task is not None and cfg.model.task not in TASKS:
         raise UserError(f"model.task={cfg.model.task!r} is invalid: use one of {', '.join(TASKS)}.")
     if cfg.model.dtype not in ("float32", "bfloat16", "float16", "auto"):
