@@ -182,12 +182,14 @@ def test_instruction_loss_on_response_only_and_templates(tmp_path, assets):
         cfg = config_from_dict(_cfg(assets, tmp_path, data={"template": name, "max_length": 256}))
         ex = prepare_data(cfg, tok).train[3]
         prompt = template.format(instruction="Add 3 and 3.")
-        n_prompt = len(tok(prompt)["input_ids"])
+        # BOS, as generation and scoring put it (this tokenizer does not add it itself), then the prompt
+        assert tok("x")["input_ids"][0] != tok.bos_token_id and ex["input_ids"][0] == tok.bos_token_id
+        n_prompt = 1 + len(tok(prompt)["input_ids"])
         assert ex["labels"][:n_prompt] == [-100] * n_prompt
         resp = ex["labels"][n_prompt:]
         assert resp[-1] == tok.eos_token_id and -100 not in resp
         assert tok.decode(resp[:-1]) == "It is 6."
-        assert tok.decode(ex["input_ids"][:n_prompt]) == prompt
+        assert tok.decode(ex["input_ids"][1:n_prompt]) == prompt
     assert "@@ Instruction\n" in MAGICODER_TEMPLATE and MAGICODER_TEMPLATE.endswith("\n\n@@ Response\n")
 
 
