@@ -99,6 +99,12 @@ def base_scores(store: ResultsStore) -> dict[str, dict[str, Any]]:
     return {r["run_id"]: r for r in store.records(kind="base_eval")}
 
 
+def _model_label(base_id: str) -> str:
+    """A base model's short name: the hub id as it is, a local directory by its last component."""
+    name = base_id.removeprefix("base:")
+    return Path(name).name if os.path.isabs(name) else name
+
+
 def markdown_table(rows: list[Row], base: dict[str, dict[str, Any]]) -> str:
     lines = [
         "| method | rank | seeds | target (mean ± std) | retention (mean ± std) | Δ retention vs base |",
@@ -106,7 +112,7 @@ def markdown_table(rows: list[Row], base: dict[str, dict[str, Any]]) -> str:
     ]
     for b_id, b in base.items():
         lines.append(
-            f"| base ({b_id.removeprefix('base:')}) | – | – | {b.get('target_score', float('nan')):.4f} | "
+            f"| base ({_model_label(b_id)}) | – | – | {b.get('target_score', float('nan')):.4f} | "
             f"{b.get('retention_score', float('nan')):.4f} | 0 |"
         )
     for r in rows:
@@ -159,7 +165,7 @@ def plot_tradeoff(rows: list[Row], base: dict[str, dict[str, Any]], path: Path) 
                 float(b["retention_score"]),
                 color="gray",
                 linestyle="--",
-                label=f"base ({b_id.removeprefix('base:')})",
+                label=f"base ({_model_label(b_id)})",
             )
     ax.set_xlabel("retention score (higher keeps more of the base model)")
     ax.set_ylabel("target score")
