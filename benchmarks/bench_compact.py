@@ -32,7 +32,14 @@ import torch
 
 import disel
 from disel.analysis import GateRecorder, add_compacted_adapter, cost_report, plan_compaction
-from disel.commands.bench import _interleave, _runner, _summary, bench_llama, machine_info
+from disel.commands.bench import (
+    _interleave,
+    _runner,
+    _summary,
+    add_llama_arguments,
+    bench_llama,
+    machine_info,
+)
 from disel.utils.io import atomic_write_json
 
 
@@ -62,11 +69,7 @@ def synthetic_disel(base: torch.nn.Module, r: int, closed: float, opened: float,
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--hidden", type=int, default=1024)
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--vocab", type=int, default=2048)
-    p.add_argument("--r", type=int, default=64)
-    p.add_argument("--tokens", type=int, default=256)
+    add_llama_arguments(p, tokens=256)
     p.add_argument("--closed", type=float, default=0.5, help="Fraction of components with closed gates.")
     p.add_argument("--open", type=float, default=0.25, help="Fraction of components with open gates.")
     p.add_argument("--repeats", type=int, default=7)

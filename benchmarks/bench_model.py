@@ -22,6 +22,7 @@ from disel.commands.bench import (
     _runner,
     _summary,
     adapt_contenders,
+    add_llama_arguments,
     bench_llama,
     machine_info,
     saved_bytes,
@@ -39,11 +40,7 @@ def build(
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--hidden", type=int, default=1024)
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--vocab", type=int, default=2048)
-    p.add_argument("--r", type=int, default=64)
-    p.add_argument("--tokens", type=int, default=512)
+    add_llama_arguments(p, tokens=512)
     p.add_argument("--repeats", type=int, default=9)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")

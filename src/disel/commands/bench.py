@@ -83,6 +83,15 @@ def build_contenders(
     return adapt_contenders(base, r, ["proj"])
 
 
+def add_llama_arguments(p: argparse.ArgumentParser, tokens: int = 512) -> None:
+    """The shape options of :func:`bench_llama` and the adapter rank, shared by the model benchmarks."""
+    p.add_argument("--hidden", type=int, default=1024)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--vocab", type=int, default=2048)
+    p.add_argument("--r", type=int, default=64)
+    p.add_argument("--tokens", type=int, default=tokens)
+
+
 def bench_llama(hidden: int, layers: int, vocab: int, tokens: int) -> nn.Module:
     """A randomly initialised Llama-style model of the given width and depth, for speed measurements only."""
     from transformers import LlamaConfig, LlamaForCausalLM
