@@ -176,17 +176,12 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run_nonlinear(args: argparse.Namespace) -> int:
-    import torch
-
     from ..experiments import nonlinear
+    from ..utils.threads import torch_threads
 
     _check_out(args.out)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matmuls: one thread is fastest and keeps runs bit-identical
-    try:
+    with torch_threads(1):  # tiny matmuls: one thread is fastest and keeps runs bit-identical
         result = nonlinear.run_nonlinear(nonlinear.NonlinearConfig(seed=args.seed), progress=not args.json)
-    finally:
-        torch.set_num_threads(threads)
     wall = result.pop("wall_seconds")
     _emit(args, result, "nonlinear", nonlinear.plot, nonlinear.format_table)
     print(f"wall time {wall:.1f} s", file=sys.stderr)

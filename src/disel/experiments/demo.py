@@ -30,6 +30,7 @@ from ..methods import build_model, get_method
 from ..methods.gated_lora.layer import DiselGate
 from ..training.optim import build_optimizer
 from ..utils.io import atomic_dir, atomic_write_json, atomic_write_text, save_figure
+from ..utils.threads import torch_threads
 from .arith import arith_problems, encode_sft, exact_match
 
 RETENTION_DOMAINS = ("docstrings", "source")
@@ -247,7 +248,14 @@ def gate_stats(model: nn.Module, tok: Any, texts: dict[str, list[str]], max_toke
 
 
 def run_demo(cfg: DemoConfig, out_dir: str | Path, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Fine-tune the shipped model with each method, evaluate, and write report.md, PNGs and results.json."""
+    """Fine-tune the shipped model with each method, evaluate, and write report.md, PNGs and results.json.
+
+    Runs on ``cfg.threads`` torch threads and restores the caller's count afterwards."""
+    with torch_threads(cfg.threads):
+        return _run_demo(cfg, out_dir, log)
+
+
+def _run_demo(cfg: DemoConfig, out_dir: str | Path, log: Callable[[str], None]) -> dict[str, Any]:
     t0 = time.time()
     for m in cfg.methods:
         get_method(m)  # unknown names fail before any work
@@ -256,8 +264,6 @@ def run_demo(cfg: DemoConfig, out_dir: str | Path, log: Callable[[str], None] = 
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file: pass a directory path.")
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
 
     model_dir = Path(cfg.model) if cfg.model else demo_model_dir()
     if not (model_dir / "config.json").is_file():

@@ -23,8 +23,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
+from ..utils.threads import torch_threads
 from ..utils.validate import check_finite, check_int
 
 METHODS: tuple[str, ...] = ("full", "lora", "disel")
@@ -432,26 +432,13 @@ def theory(problem: ToyProblem, x_ft: torch.Tensor, x_pt: torch.Tensor) -> dict[
     }
 
 
-@contextmanager
-def single_thread() -> Iterator[None]:
-    """Run on one intra-op thread: the toy's matrices are tiny, and on a busy machine several threads
-    spin against each other (measured 50x slower with 2 threads under load); one thread also fixes the
-    summation order, so results are bit-identical run to run."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def run_toy(
     cfg: ToyConfig | None = None,
     methods: Sequence[str] = METHODS,
     progress: bool = False,
 ) -> dict[str, Any]:
     """Build the problem, compute the theory, train ``methods``; a JSON-ready dict (deterministic per seed)."""
-    with single_thread():
+    with torch_threads(1):
         return _run_toy(cfg, methods, progress)
 
 
