@@ -8,7 +8,8 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from ..utils.io import save_figure
 from .stats import GateStats
@@ -34,6 +35,18 @@ def _draw(ax, group: dict, bins: int, label: str) -> None:
     ax.stairs(group["hist"], edges, label=f"{label} (mean {group['mean']:.3f})", linewidth=1.5)
 
 
+def _finish(fig: Any, axes: Any, bands: Sequence[str], path: str | os.PathLike[str]) -> None:
+    """Titles, log scale and legends of the depth-band panels, then write the PNG."""
+    for ax, band in zip(axes, bands):
+        ax.set_title(f"{band} layers")
+        ax.set_xlabel("gate value")
+        ax.set_yscale("log")
+        ax.legend(fontsize=7)
+    axes[0].set_ylabel("fraction of (token, rank) values")
+    fig.tight_layout()
+    save_figure(fig, path, dpi=110)
+
+
 def plot_domains(
     stats: Mapping[str, GateStats], path: str | os.PathLike[str], target: str | None = None
 ) -> None:
@@ -46,13 +59,7 @@ def plot_domains(
     for ax, band in zip(axes, bands):
         for name, st in stats.items():
             _draw(ax, st.group(band=band), st.bins, name + (" *" if name == target else ""))
-        ax.set_title(f"{band} layers")
-        ax.set_xlabel("gate value")
-        ax.set_yscale("log")
-        ax.legend(fontsize=7)
-    axes[0].set_ylabel("fraction of (token, rank) values")
-    fig.tight_layout()
-    save_figure(fig, path, dpi=110)
+    _finish(fig, axes, bands, path)
 
 
 def plot_modules(stats: GateStats, path: str | os.PathLike[str], domain: str = "") -> None:
@@ -67,10 +74,4 @@ def plot_modules(stats: GateStats, path: str | os.PathLike[str], domain: str = "
             g = stats.group(band=band, mtype=mtype)
             if g["count"]:
                 _draw(ax, g, stats.bins, mtype)
-        ax.set_title(f"{band} layers")
-        ax.set_xlabel("gate value")
-        ax.set_yscale("log")
-        ax.legend(fontsize=7)
-    axes[0].set_ylabel("fraction of (token, rank) values")
-    fig.tight_layout()
-    save_figure(fig, path, dpi=110)
+    _finish(fig, axes, bands, path)
