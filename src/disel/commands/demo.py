@@ -8,23 +8,42 @@ from ..errors import UserError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from ..experiments.demo import DemoConfig
+
+    d = DemoConfig()  # the help states the real defaults
     p.add_argument("--out", default="disel-demo", help="Directory for report.md, the PNGs and results.json.")
     p.add_argument(
         "--methods",
         default="lora,disel",
         help="Comma-separated methods (see `disel methods`), e.g. lora,disel,dora.",
     )
-    p.add_argument("--rank", type=int, default=None, help="Adapter rank shared by every method (default 8).")
-    p.add_argument("--steps", type=int, default=None, help="Fine-tuning steps per method (default 600).")
-    p.add_argument("--lr", type=float, default=None, help="Learning rate of the adapters (default 1.5e-3).")
-    p.add_argument("--gate-bias-init", type=float, default=None, help="DISeL gate bias at init (default -5).")
+    p.add_argument(
+        "--rank", type=int, default=None, help=f"Adapter rank shared by every method (default {d.rank})."
+    )
+    p.add_argument(
+        "--steps", type=int, default=None, help=f"Fine-tuning steps per method (default {d.steps})."
+    )
+    p.add_argument(
+        "--lr", type=float, default=None, help=f"Learning rate of the adapters (default {d.lr:g})."
+    )
+    p.add_argument(
+        "--gate-bias-init",
+        type=float,
+        default=None,
+        help=f"DISeL gate bias at init (default {d.gate_bias_init:g}).",
+    )
     p.add_argument(
         "--gate-lr-multiplier",
         type=float,
         default=None,
-        help="DISeL gate LR / adapter LR (default 1 in the demo).",
+        help=f"DISeL gate LR / adapter LR (default {d.gate_lr_multiplier:g} in the demo).",
     )
-    p.add_argument("--max-value", type=int, default=None, help="Largest operand of the problems (default 9).")
+    p.add_argument(
+        "--max-value",
+        type=int,
+        default=None,
+        help=f"Largest operand of the problems (default {d.max_value}).",
+    )
     p.add_argument(
         "--style",
         choices=["word", "short", "count"],
