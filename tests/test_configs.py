@@ -11,7 +11,7 @@ from disel.training.config import load_config
 from disel.training.dryrun import dry_run_config
 from disel.training.runner import train
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[1] / "src" / "disel" / "configs"
 PAPER = ["llama2-7b-metamathqa.yaml", "mistral-7b-magicoder.yaml", "roberta-base-glue.yaml"]
 
 

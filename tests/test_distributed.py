@@ -51,7 +51,7 @@ def test_two_process_cpu_training_stays_in_sync(tmp_path):
     cfg = {
         "model": {"name": str(tmp_path / "llama")},
         "method": {"name": "disel", "rank": 2},
-        "data": {"format": "instruction", "train": str(tmp_path / "inst.jsonl"), "max_length": 48},
+        "data": {"format": "instruction", "train": str(tmp_path / "inst.jsonl"), "max_length": 256},
         "training": {
             "max_steps": 3,
             "per_device_batch_size": 2,

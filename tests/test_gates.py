@@ -177,9 +177,9 @@ def test_domain_items_and_masks(tmp_path):
         encoding="utf-8",
     )
     items = load_items(str(f))
-    assert items[0].prompt.startswith("### Instruction:\nAdd 2 and 3.") and items[0].text == "5"
+    assert "### Instruction:\nAdd 2 and 3." in items[0].prompt and items[0].text == "5"
     assert items[2].prompt is None
-    enc = encode_items(tok, items, max_length=64, max_sequences=10)
+    enc = encode_items(tok, items, max_length=256, max_sequences=10)
     resp = tok("5", add_special_tokens=False)["input_ids"]
     assert [i for i, m in zip(enc[0].ids, enc[0].mask) if m] == resp
     assert enc[2].mask[0] is False and all(enc[2].mask[1:])  # raw text: every token but BOS

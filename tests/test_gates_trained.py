@@ -7,8 +7,8 @@ then recorded on held-out arithmetic, English docstrings and Python source.
 from __future__ import annotations
 
 from disel.analysis.api import domain_report, load_adapter, pad_id, record_gates
-from disel.analysis.demo import build_trained_adapter, write_domains
 from disel.analysis.domains import encode_items, load_items
+from disel.experiments.gates_demo import build_trained_adapter, write_domains
 
 
 def test_gates_open_more_on_the_fine_tuning_domain(tmp_path, one_thread):

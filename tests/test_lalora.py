@@ -12,6 +12,7 @@ from peft import LoraConfig, get_peft_model
 
 import disel
 from disel.errors import UserError
+from disel.experiments.lalora_sweep import lambda_sweep, plot_sweep, train_plain
 from disel.methods import MethodOptions, build_model
 from disel.methods.lalora import (
     CURVATURE_FILE,
@@ -19,13 +20,10 @@ from disel.methods.lalora import (
     checkpoint_callback,
     estimate_curvature,
     get_penalty,
-    lambda_sweep,
     load_curvature,
     penalty,
-    plot_sweep,
     save_curvature,
     set_lambda,
-    train_plain,
 )
 from disel.methods.lalora.curvature import CurvatureState, lora_sites
 from disel.testing import TinyMLP, tiny_model

@@ -178,7 +178,7 @@ def test_registry_and_bad_config():
 
 
 def test_routing_usage_per_domain_and_plot(tmp_path):
-    from disel.methods.queryable import plot_routing, routing_usage
+    from disel.analysis.routing import plot_routing, routing_usage
     from disel.testing_tokenizers import tiny_tokenizer
 
     tok = tiny_tokenizer(128)

@@ -23,7 +23,7 @@ def _base(tmp_path: Path, model: str = "m", data: str = "x.jsonl") -> dict:
     return {
         "model": {"name": model},
         "method": {"name": "disel", "rank": 2},
-        "data": {"format": "instruction", "train": data, "max_length": 48},
+        "data": {"format": "instruction", "train": data, "max_length": 256},
         "training": {
             "max_steps": 6,
             "per_device_batch_size": 4,

@@ -10,6 +10,9 @@ import torch
 import yaml
 
 from disel.cli import main
+from disel.data.sources import read_rows
+from disel.data.templates import ALPACA as ALPACA_TEMPLATE
+from disel.data.templates import MAGICODER as MAGICODER_TEMPLATE
 from disel.errors import UserError
 from disel.results import ResultsStore
 from disel.training.config import (
@@ -19,7 +22,7 @@ from disel.training.config import (
     load_config,
     parse_override_args,
 )
-from disel.training.data import ALPACA_TEMPLATE, MAGICODER_TEMPLATE, prepare_data, read_rows
+from disel.training.data import prepare_data
 
 pytestmark = pytest.mark.usefixtures("one_thread_module")
 
@@ -57,7 +60,7 @@ def _cfg(assets: Path, tmp_path: Path, **sections) -> dict:
     base = {
         "model": {"name": str(assets / "llama")},
         "method": {"name": "disel", "rank": 2},
-        "data": {"format": "instruction", "train": str(assets / "inst.jsonl"), "max_length": 48},
+        "data": {"format": "instruction", "train": str(assets / "inst.jsonl"), "max_length": 256},
         "training": {
             "max_steps": 2,
             "per_device_batch_size": 4,
@@ -356,7 +359,7 @@ def test_corda_run_exports_plain_lora_for_the_original_base(tmp_path, assets):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from disel.evaluation.loading import run_checkpoints
+    from disel.rundir import evaluation_points as run_checkpoints
     from disel.training.runner import train
 
     method = {

@@ -2,27 +2,48 @@
 
 ``import disel`` registers DISeL with PEFT, so ``peft.get_peft_model(model, disel.DiselConfig(...))``,
 ``save_pretrained`` and ``PeftModel.from_pretrained`` work like for any PEFT adapter.
+
+The import itself is cheap: the public names below load on first use, and the PEFT types are registered
+the moment PEFT is imported (see :mod:`disel.methods.peft_registration`).
 """
 
-from .analysis.compact import merge_static
-from .methods.gated_lora import DiselConfig, DiselGate, DiselLinear, DiselModel
-from .methods.gated_lora.utils import force_gates, gate_parameters, iter_gates
-from .methods.queryable import QueryableConfig  # registers the QUERYABLE PEFT type too
-from .training.optim import DiselTrainer, build_optimizer
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from .methods import peft_registration as _peft_registration
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "DiselConfig",
-    "DiselGate",
-    "DiselLinear",
-    "DiselModel",
-    "DiselTrainer",
-    "QueryableConfig",
-    "__version__",
-    "build_optimizer",
-    "force_gates",
-    "gate_parameters",
-    "iter_gates",
-    "merge_static",
-]
+# public name -> module that defines it
+_LAZY: dict[str, str] = {
+    "DiselConfig": "disel.methods.gated_lora",
+    "DiselGate": "disel.methods.gated_lora",
+    "DiselLinear": "disel.methods.gated_lora",
+    "DiselModel": "disel.methods.gated_lora",
+    "QueryableConfig": "disel.methods.queryable",
+    "force_gates": "disel.methods.gated_lora.utils",
+    "gate_parameters": "disel.methods.gated_lora.utils",
+    "iter_gates": "disel.methods.gated_lora.utils",
+    "DiselTrainer": "disel.training.optim",
+    "build_optimizer": "disel.training.optim",
+    "merge_static": "disel.analysis.compact",
+}
+
+__all__ = sorted([*_LAZY, "__version__"])
+
+_peft_registration.install()
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'disel' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})

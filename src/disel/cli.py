@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import os
 import sys
 import warnings
@@ -16,40 +15,24 @@ from collections.abc import Sequence
 
 from .errors import UserError
 
-# name -> (module, one-line help)
+# name -> (module, one-line help); a command's module is imported only when that command runs
 COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("disel.commands.demo", "Fine-tune the shipped tiny model with LoRA and DISeL and report."),
+    "toy": ("disel.commands.toy", "The two-population regression of the paper's section 2, with theory."),
+    "train": ("disel.commands.train", "Fine-tune a model from a YAML config."),
+    "sweep": ("disel.commands.sweep", "Run a grid of trainings that survives being killed."),
+    "eval": ("disel.commands.eval", "Evaluate a base model, an adapter or a run directory."),
+    "eval-code": ("disel.commands.eval_code", "Score HumanEval completions (pass@1) in a sandbox."),
+    "report": ("disel.commands.report", "Tables and plots from a results store."),
+    "gates": ("disel.commands.gates", "Record and plot the gates of a DISeL adapter on several domains."),
+    "compact": ("disel.commands.compact", "Drop closed gates and fold open ones into a mergeable part."),
+    "bench": ("disel.commands.bench", "Time DISeL against LoRA on this machine."),
     "methods": ("disel.commands.methods", "List the registered fine-tuning methods."),
 }
 
 
-def register_command(name: str, module: str, help_text: str) -> None:
-    COMMANDS[name] = (module, help_text)
-
-
-def _builtin_commands() -> None:
-    # Commands added by other parts of the package; a missing module simply leaves its command out.
-    extra = {
-        "toy": ("disel.commands.toy", "The two-population regression of the paper's section 2, with theory."),
-        "eval": ("disel.commands.eval", "Evaluate a base model, an adapter or a run directory."),
-        "eval-code": ("disel.commands.eval_code", "Score HumanEval completions (pass@1) in a sandbox."),
-        "train": ("disel.commands.train", "Fine-tune a model from a YAML config."),
-        "sweep": ("disel.commands.sweep", "Run a grid of trainings that survives being killed."),
-        "report": ("disel.commands.report", "Tables and plots from a results store."),
-        "demo": ("disel.commands.demo", "Fine-tune the shipped tiny model with LoRA and DISeL and report."),
-        "gates": ("disel.commands.gates", "Record and plot the gates of a DISeL adapter on several domains."),
-        "compact": ("disel.commands.compact", "Drop closed gates and fold open ones into a mergeable part."),
-        "bench": ("disel.commands.bench", "Time DISeL against LoRA on this machine."),
-    }
-    for name, (mod, help_text) in extra.items():
-        if name in COMMANDS:
-            continue
-        if importlib.util.find_spec(mod) is not None:
-            COMMANDS[name] = (mod, help_text)
-
-
 def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
     """The parser; only the ``selected`` command's module is imported to add its arguments."""
-    _builtin_commands()
     parser = argparse.ArgumentParser(
         prog="disel", description="Fine-tune pretrained models without catastrophic forgetting."
     )

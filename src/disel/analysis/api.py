@@ -1,8 +1,7 @@
-"""High-level helpers: load an adapter, record gates on a domain, and the whole ``disel gates`` report."""
+"""High-level helpers: record gates on a domain, and the whole ``disel gates`` report."""
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -13,59 +12,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import UserError
+from ..loading import load_adapter
 from ..utils.io import atomic_write_json
 from .domains import Encoded, batches, encode_items, load_items
 from .recorder import GateRecorder
 from .stats import SCORES, GateStats, auroc
 
-
-def resolve_adapter_dir(path: str | os.PathLike[str]) -> tuple[Path, dict]:
-    """An adapter directory from an adapter path or a run directory (uses ``final/``); plus run.json."""
-    p = Path(path)
-    if not p.exists():
-        raise UserError(f"adapter path {p} does not exist; give a PEFT adapter directory or a run directory.")
-    run: dict = {}
-    if (p / "run.json").exists():
-        run = json.loads((p / "run.json").read_text(encoding="utf-8"))
-        if not (p / "adapter_config.json").exists():
-            p = p / "final"
-    if not (p / "adapter_config.json").exists():
-        raise UserError(
-            f"{p} has no adapter_config.json; give a DISeL adapter directory (or a run directory with final/)."
-        )
-    return p, run
-
-
-def load_adapter(
-    path: str | os.PathLike[str], base: str | None = None, task: str | None = None, device: str = "cpu"
-) -> tuple[nn.Module, Any, Path]:
-    """(PeftModel in eval mode, tokenizer, adapter dir) for a DISeL adapter or run directory."""
-    import transformers as tf
-    from peft import PeftModel
-
-    import disel  # noqa: F401  (registers the DISEL PEFT type)
-
-    adir, run = resolve_adapter_dir(path)
-    cfg = json.loads((adir / "adapter_config.json").read_text(encoding="utf-8"))
-    if cfg.get("peft_type") != "DISEL":
-        raise UserError(f"{adir} holds a {cfg.get('peft_type')} adapter; gates exist only in DISeL adapters.")
-    base = base or run.get("model") or cfg.get("base_model_name_or_path")
-    if not base:
-        raise UserError(f"{adir} does not name its base model; pass --base PATH_OR_HUB_ID.")
-    task = task or run.get("task") or {"SEQ_CLS": "seq_cls"}.get(cfg.get("task_type") or "", "causal_lm")
-    auto = {
-        "causal_lm": tf.AutoModelForCausalLM,
-        "seq_cls": tf.AutoModelForSequenceClassification,
-        "masked_lm": tf.AutoModelForMaskedLM,
-    }.get(task)
-    if auto is None:
-        raise UserError(f"task {task!r} is unknown: use causal_lm, seq_cls or masked_lm.")
-    model = auto.from_pretrained(base)
-    tok_dir = adir if (adir / "tokenizer_config.json").exists() else base
-    tokenizer = tf.AutoTokenizer.from_pretrained(str(tok_dir))
-    peft_model = PeftModel.from_pretrained(model, str(adir)).to(device)
-    peft_model.eval()
-    return peft_model, tokenizer, adir
+__all__ = ["compact_adapter", "domain_report", "gates_report", "load_adapter", "pad_id", "record_gates"]
 
 
 def pad_id(tokenizer: Any) -> int:
@@ -165,3 +118,122 @@ def gates_report(
     plot_modules(stats[focus], out / "fig_modules.png", focus)
     atomic_write_json(out / "gates.json", report)
     return report
+
+
+def compact_adapter(
+    adapter: str | os.PathLike[str],
+    calibration: Sequence[str],
+    out_dir: str | os.PathLike[str],
+    *,
+    heldout: str | None = None,
+    tau_closed: float = 0.02,
+    tau_open: float = 0.98,
+    coverage: float = 0.99,
+    base: str | None = None,
+    task: str | None = None,
+    max_sequences: int = 200,
+    max_length: int = 256,
+    batch_size: int = 8,
+    timing_repeats: int = 20,
+    merge_static: bool = False,
+    device: str = "cpu",
+) -> dict[str, Any]:
+    """What ``disel compact`` does: record the gates on ``calibration`` sources, plan, write the compacted
+    adapter (or, with ``merge_static``, the merged full model) to ``out_dir`` with ``compaction.json``."""
+    from .compact import (
+        add_compacted_adapter,
+        cost_report,
+        fidelity,
+        interleaved_timing,
+        plan_compaction,
+        save_adapter,
+        save_merged,
+    )
+
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"--out {out} exists and is not an empty directory; choose a new directory.")
+    if not 0.0 < tau_closed < tau_open < 1.0:
+        raise UserError(f"--tau-closed {tau_closed} / --tau-open {tau_open}: use 0 < closed < open < 1.")
+    model, tok, adir = load_adapter(adapter, base=base, task=task, device=device)
+    pad = pad_id(tok)
+    calib = []
+    for src in calibration:
+        items = load_items(src, max_sequences * 4)
+        # every token the adapter acts on counts, prompt tokens included: a component shut on the answers
+        # but open on the prompt still shapes the answer through attention
+        calib += encode_items(tok, items, max_length, max_sequences, all_tokens=True)
+    stats = record_gates(
+        model,
+        calib,
+        pad,
+        batch_size,
+        thresholds=(tau_closed, tau_open),
+        desc="calibration",
+        progress=True,
+    )
+    plan = plan_compaction(stats, tau_closed, tau_open, coverage, adapter="default")
+    add_compacted_adapter(model, plan, "default", "compact")
+    held = calib
+    if heldout:
+        held = encode_items(tok, load_items(heldout, max_sequences * 4), max_length, max_sequences)
+    held_batches = list(batches(held, batch_size, pad))
+    report = {
+        "adapter": str(adir),
+        "tau_closed": tau_closed,
+        "tau_open": tau_open,
+        "coverage": coverage,
+        "calibration_tokens": max(m.count for m in stats.modules.values()),
+        "counts": plan.counts(),
+        "cost": cost_report(model, plan, "default"),
+        "fidelity": fidelity(model, held_batches, "default", "compact"),
+        "layers": {
+            n: {"r": lp.r, "folded": len(lp.static), "gated": len(lp.gated), "dropped": len(lp.dropped)}
+            for n, lp in plan.layers.items()
+        },
+    }
+    if timing_repeats > 0 and held_batches:
+        ids, att, _ = held_batches[0]
+        t = interleaved_timing(model, ids, att, ["default", "compact"], repeats=timing_repeats)
+        report["timing_s"] = t
+        report["speedup_adapter_overhead"] = (t["default"] - t["base"]) / max(t["compact"] - t["base"], 1e-9)
+        report["speedup_forward"] = t["default"] / t["compact"]
+    if merge_static:
+        report["merge_static"] = _merge_static(model, held_batches, timing_repeats)
+        if "timing_merged_s" in report["merge_static"]:
+            t = report["merge_static"]["timing_merged_s"]
+            report["speedup_forward_merged"] = t["default"] / t["compact"]
+        save_merged(model, "compact", out, tokenizer=tok)
+    else:
+        save_adapter(model, "compact", out, tokenizer=tok)
+    atomic_write_json(out / "compaction.json", report)
+    return report
+
+
+def _merge_static(model: Any, held_batches: list[Any], repeats: int) -> dict[str, Any]:
+    """Merge the static part of "compact" into the base; its logit difference on (up to 4 sequences of) the
+    first held-out batch, and an interleaved timing of original, merged and base forwards."""
+    import torch
+
+    from .compact import interleaved_timing, merge_static
+
+    info: dict[str, Any] = {}
+    if held_batches:
+        ids, att, _ = held_batches[0]
+        ids, att = ids[:4], att[:4]
+        dev = next(model.parameters()).device
+        ids, att = ids.to(dev), att.to(dev)
+        active = model.active_adapter
+        model.set_adapter("compact")
+        with torch.no_grad():
+            before = model(input_ids=ids, attention_mask=att).logits.float()
+    info.update(merge_static(model, "compact"))
+    if held_batches:
+        with torch.no_grad():
+            after = model(input_ids=ids, attention_mask=att).logits.float()
+        model.set_adapter(active)
+        info["max_abs_logit_diff"] = float((after - before).abs()[att.bool()].max())
+        if repeats > 0:
+            ids, att, _ = held_batches[0]
+            info["timing_merged_s"] = interleaved_timing(model, ids, att, ["default", "compact"], repeats)
+    return info

@@ -14,7 +14,6 @@ that small matrix (sequences x modules) is what the per-sequence domain score is
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -23,36 +22,10 @@ from torch import nn
 
 from ..methods.gated_lora.layer import DiselGate
 from ..methods.gated_lora.utils import iter_gates
+from .sites import GateSite, parse_gate_name
+from .stats import GateStats
 
-_LAYER_RE = re.compile(r"\.(\d+)\.")
-
-
-@dataclass
-class GateSite:
-    """Where a gate sits: the adapted module's name, its block index (None if not in a numbered block),
-    its module type (the path after the block index, e.g. ``self_attn.q_proj``) and the adapter name."""
-
-    gate_name: str
-    module: str
-    layer: int | None
-    mtype: str
-    adapter: str
-
-
-def parse_gate_name(gate_name: str) -> GateSite:
-    """Split ``...layers.3.self_attn.q_proj.lora_gate.default`` into its parts."""
-    module, _, adapter = gate_name.rpartition(".lora_gate.")
-    if not module:
-        module, adapter = gate_name, ""
-    module = module.removeprefix("base_model.model.")
-    matches = list(_LAYER_RE.finditer(f".{module}."))
-    if matches:
-        m = matches[-1]
-        layer = int(m.group(1))
-        mtype = f".{module}."[m.end() :].strip(".") or module
-    else:
-        layer, mtype = None, module
-    return GateSite(gate_name, module, layer, mtype, adapter)
+__all__ = ["GateRecorder", "GateSite", "parse_gate_name"]
 
 
 @dataclass
@@ -212,8 +185,6 @@ class GateRecorder:
     # -- results ---------------------------------------------------------------------------------------
     def stats(self):
         """A :class:`~disel.analysis.stats.GateStats` snapshot of everything recorded so far."""
-        from .stats import GateStats
-
         self._flush()
         seq = torch.cat(self._seq_means) if self._seq_means else torch.zeros(0, len(self._gates))
         tok = torch.cat(self._seq_tokens) if self._seq_tokens else torch.zeros(0, dtype=torch.long)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .recorder import GateSite
+from .sites import GateSite
 
 BANDS = ("early", "middle", "late")
 

@@ -16,6 +16,7 @@ unique storages saved for backward (``torch.autograd.graph.saved_tensors_hooks``
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import os
@@ -220,7 +221,7 @@ def saved_bytes(model: nn.Module, x: torch.Tensor, reference: bool = False) -> d
             seen[s.data_ptr()] = s.nbytes()
         return t
 
-    ctx = kernels.reference_path() if reference else _nullcontext()
+    ctx = kernels.reference_path() if reference else contextlib.nullcontext()
     with ctx, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = model(x)
     del out
@@ -235,18 +236,10 @@ def saved_bytes(model: nn.Module, x: torch.Tensor, reference: bool = False) -> d
     }
 
 
-class _nullcontext:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-
 def _cuda_peak(model: nn.Module, x: torch.Tensor, grad: torch.Tensor, reference: bool) -> int:
     from ..methods.gated_lora import kernels
 
-    ctx = kernels.reference_path() if reference else _nullcontext()
+    ctx = kernels.reference_path() if reference else contextlib.nullcontext()
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     start = torch.cuda.memory_allocated()

@@ -17,9 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Any
-
-from ..errors import UserError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -60,80 +57,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..analysis.api import load_adapter, pad_id, record_gates
-    from ..analysis.compact import (
-        add_compacted_adapter,
-        cost_report,
-        fidelity,
-        interleaved_timing,
-        plan_compaction,
-        save_adapter,
-        save_merged,
-    )
-    from ..analysis.domains import batches, encode_items, load_items
-    from ..utils.io import atomic_write_json
+    from ..analysis.api import compact_adapter
 
-    out = Path(args.out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UserError(f"--out {out} exists and is not an empty directory; choose a new directory.")
-    if not 0.0 < args.tau_closed < args.tau_open < 1.0:
-        raise UserError(
-            f"--tau-closed {args.tau_closed} / --tau-open {args.tau_open}: use 0 < closed < open < 1."
-        )
-    model, tok, adir = load_adapter(args.adapter, base=args.base, task=args.task, device=args.device)
-    pad = pad_id(tok)
-    calib = []
-    for src in args.calibration:
-        items = load_items(src, args.max_sequences * 4)
-        # every token the adapter acts on counts, prompt tokens included: a component shut on the answers
-        # but open on the prompt still shapes the answer through attention
-        calib += encode_items(tok, items, args.max_length, args.max_sequences, all_tokens=True)
-    stats = record_gates(
-        model,
-        calib,
-        pad,
-        args.batch_size,
-        thresholds=(args.tau_closed, args.tau_open),
-        desc="calibration",
-        progress=True,
+    report = compact_adapter(
+        args.adapter,
+        args.calibration,
+        args.out,
+        heldout=args.heldout,
+        tau_closed=args.tau_closed,
+        tau_open=args.tau_open,
+        coverage=args.coverage,
+        base=args.base,
+        task=args.task,
+        max_sequences=args.max_sequences,
+        max_length=args.max_length,
+        batch_size=args.batch_size,
+        timing_repeats=args.timing_repeats,
+        merge_static=args.merge_static,
+        device=args.device,
     )
-    plan = plan_compaction(stats, args.tau_closed, args.tau_open, args.coverage, adapter="default")
-    add_compacted_adapter(model, plan, "default", "compact")
-    heldout = calib
-    if args.heldout:
-        heldout = encode_items(
-            tok, load_items(args.heldout, args.max_sequences * 4), args.max_length, args.max_sequences
-        )
-    held_batches = list(batches(heldout, args.batch_size, pad))
-    report = {
-        "adapter": str(adir),
-        "tau_closed": args.tau_closed,
-        "tau_open": args.tau_open,
-        "coverage": args.coverage,
-        "calibration_tokens": max(m.count for m in stats.modules.values()),
-        "counts": plan.counts(),
-        "cost": cost_report(model, plan, "default"),
-        "fidelity": fidelity(model, held_batches, "default", "compact"),
-        "layers": {
-            n: {"r": lp.r, "folded": len(lp.static), "gated": len(lp.gated), "dropped": len(lp.dropped)}
-            for n, lp in plan.layers.items()
-        },
-    }
-    if args.timing_repeats > 0 and held_batches:
-        ids, att, _ = held_batches[0]
-        t = interleaved_timing(model, ids, att, ["default", "compact"], repeats=args.timing_repeats)
-        report["timing_s"] = t
-        report["speedup_adapter_overhead"] = (t["default"] - t["base"]) / max(t["compact"] - t["base"], 1e-9)
-        report["speedup_forward"] = t["default"] / t["compact"]
-    if args.merge_static:
-        report["merge_static"] = _merge(model, held_batches, args.timing_repeats)
-        if "timing_merged_s" in report["merge_static"]:
-            t = report["merge_static"]["timing_merged_s"]
-            report["speedup_forward_merged"] = t["default"] / t["compact"]
-        save_merged(model, "compact", out, tokenizer=tok)
-    else:
-        save_adapter(model, "compact", out, tokenizer=tok)
-    atomic_write_json(out / "compaction.json", report)
+    out = Path(args.out)
     c = report["counts"]
     print(
         f"components: {c['components']}  dropped: {c['dropped']}  folded (static): {c['folded']}  "
@@ -152,32 +95,3 @@ def run(args: argparse.Namespace) -> int:
         )
     print(f"wrote {out}")
     return 0
-
-
-def _merge(model: Any, held_batches: list[Any], repeats: int) -> dict[str, Any]:
-    """Merge the static part of "compact" into the base; its logit difference on (up to 4 sequences of) the
-    first held-out batch, and an interleaved timing of original, merged and base forwards."""
-    import torch
-
-    from ..analysis.compact import interleaved_timing, merge_static
-
-    info: dict[str, Any] = {}
-    if held_batches:
-        ids, att, _ = held_batches[0]
-        ids, att = ids[:4], att[:4]
-        dev = next(model.parameters()).device
-        ids, att = ids.to(dev), att.to(dev)
-        active = model.active_adapter
-        model.set_adapter("compact")
-        with torch.no_grad():
-            before = model(input_ids=ids, attention_mask=att).logits.float()
-    info.update(merge_static(model, "compact"))
-    if held_batches:
-        with torch.no_grad():
-            after = model(input_ids=ids, attention_mask=att).logits.float()
-        model.set_adapter(active)
-        info["max_abs_logit_diff"] = float((after - before).abs()[att.bool()].max())
-        if repeats > 0:
-            ids, att, _ = held_batches[0]
-            info["timing_merged_s"] = interleaved_timing(model, ids, att, ["default", "compact"], repeats)
-    return info

@@ -86,9 +86,10 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..evaluation.loading import is_run_dir, load_model
     from ..evaluation.runner import base_eval, best_checkpoint, evaluate_model, evaluate_run, with_delta
+    from ..loading import load_model
     from ..results import ResultsStore
+    from ..rundir import is_run_dir
 
     spec = _spec(args)
     store = ResultsStore(args.store)

@@ -234,7 +234,7 @@ def base_eval(
     tokenizer: Any = None,
 ) -> dict[str, Any]:
     """The base model's retention (and target, for generation targets), cached as kind="base_eval"."""
-    from .loading import load_model
+    from ..loading import load_model
 
     spec = load_spec(spec)
     run_id = f"base:{base}"
@@ -265,7 +265,8 @@ def evaluate_run(
     with its step, delta against the cached base evaluation. Returns the payloads (with ``step``)."""
     from tqdm.auto import tqdm
 
-    from .loading import load_model, load_tokenizer, read_run, run_checkpoints
+    from ..loading import load_model, load_tokenizer
+    from ..rundir import FINAL_DIR, evaluation_points, read_run
 
     spec = load_spec(spec)
     run = read_run(run_dir)
@@ -274,10 +275,10 @@ def evaluate_run(
     rd = Path(run_dir)
     if task in ("seq_cls", "masked_lm") and any(str(r).startswith("mlm:") for r in spec["retention"]):
         spec["mlm"] = {"base": run["model"], **(spec.get("mlm") or {})}
-    cks = run_checkpoints(rd)
+    cks = evaluation_points(rd)
     if not cks:
         raise UserError(f"{run_dir} has no checkpoint-<step> or final directory: train first.")
-    tok = load_tokenizer(rd / "final", *[c for _, c in cks], run.get("model"))
+    tok = load_tokenizer(rd / FINAL_DIR, *[c for _, c in cks], run.get("model"))
     base = base_eval(run["model"], spec, store, task=task, tokenizer=tok)
     out = []
     for step, path in tqdm(cks, desc="checkpoints", leave=False):

@@ -23,13 +23,9 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
-ALPACA_TEMPLATE = (
-    "Below is an instruction that describes a task. Write a response that appropriately completes the "
-    "request.\n\n### Instruction:\n{instruction}\n\n### Response:\n"
-)
-# A compact question/answer format: a third of the Alpaca prompt's tokens, so three times the steps per second.
-QA_TEMPLATE = "Question: {instruction}\nAnswer: "
-TEMPLATES = {"alpaca": ALPACA_TEMPLATE, "qa": QA_TEMPLATE}
+from ..data.templates import ALPACA, QA, TEMPLATES
+
+ALPACA_TEMPLATE, QA_TEMPLATE = ALPACA, QA
 
 NAMES = ("Tom", "Anna", "Ben", "Lucy", "Sam", "Mia", "Leo", "Emma", "Max", "Zoe", "Omar", "Ivy")
 ITEMS = ("apples", "books", "coins", "pencils", "cards", "stamps", "marbles", "shells", "stickers", "cookies")

@@ -16,7 +16,6 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +23,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..assets import demo_model_dir, load_demo_model
 from ..errors import UserError
 from ..evaluation.lm import greedy_generate, token_nll
 from ..methods import build_model, get_method
@@ -82,27 +82,6 @@ class DemoConfig:
         base = dict(steps=12, batch_size=8, n_test=12, n_retention=6, n_gate_texts=4, retention_max_tokens=64)
         base.update(overrides)
         return cls(**base)
-
-
-def demo_model_dir() -> Path:
-    """The shipped model's directory inside the installed package (editable or wheel)."""
-    path = Path(str(resources.files("disel") / "assets" / "demo_model"))
-    if not (path / "model.safetensors").is_file():
-        raise FileNotFoundError(
-            f"The demo model is missing at {path}: reinstall disel, or rebuild it with "
-            "`python scripts/pretrain_demo_model.py`."
-        )
-    return path
-
-
-def load_demo_model(path: Path | None = None) -> tuple[nn.Module, Any]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    path = path or demo_model_dir()
-    tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True)
-    model.eval()
-    return model, tok
 
 
 # --------------------------------------------------------------------------------------------------

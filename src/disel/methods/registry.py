@@ -10,11 +10,12 @@ import importlib
 import importlib.util
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
-
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from ..errors import UserError
+
+if TYPE_CHECKING:
+    from torch import nn
 
 
 @dataclass
@@ -66,7 +67,7 @@ class MethodOptions:
         return kw
 
 
-Builder = Callable[[nn.Module, MethodOptions], nn.Module]
+Builder = Callable[["nn.Module", MethodOptions], "nn.Module"]
 
 
 @dataclass(frozen=True)
@@ -96,12 +97,6 @@ def register_method(
         return fn
 
     return deco
-
-
-def add_plugin_module(module: str) -> None:
-    """Name a module whose import registers more methods (loaded on first lookup)."""
-    if module not in _PLUGIN_MODULES:
-        _PLUGIN_MODULES.append(module)
 
 
 def _load_plugins() -> None:

@@ -18,14 +18,11 @@ from typing import Any
 
 import yaml
 
+from ..assets import DEMO_MODEL, resolve_model_name
 from ..errors import UserError
 
-METHOD_NAMES_HINT = "disel, lora, dora, adalora, full"
 DATA_FORMATS = ("instruction", "classification", "text")
 TASKS = ("causal_lm", "seq_cls")
-
-
-DEMO_MODEL = "disel:demo-model"  # model.name alias for the shipped demo model
 
 
 @dataclass
@@ -281,11 +278,32 @@ def config_from_dict(data: dict[str, Any]) -> Config:
     return cfg
 
 
+def shipped_configs() -> dict[str, Path]:
+    """The configs that ship inside the package (``src/disel/configs``), by name without ``.yaml``."""
+    from importlib import resources
+
+    root = Path(str(resources.files("disel") / "configs"))
+    return {p.stem: p for p in sorted(root.glob("*.yaml"))} if root.is_dir() else {}
+
+
+def resolve_config_path(path: str | Path) -> Path:
+    """A YAML file path, or the name of a shipped config (``llama2-7b-metamathqa``, with or without .yaml)."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    shipped = shipped_configs()
+    name = p.name.removesuffix(".yaml").removesuffix(".yml")
+    if str(p.parent) in (".", "configs") and name in shipped:
+        return shipped[name]
+    raise UserError(
+        f"Config file {str(p)!r} does not exist: pass the path of a YAML file or a shipped config name "
+        f"({', '.join(shipped) or 'none installed'})."
+    )
+
+
 def load_config(path: str | Path, overrides: list[tuple[str, Any]] | None = None) -> Config:
     """Read a YAML config, apply ``overrides`` (dotted key, value) and validate."""
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"Config file {str(p)!r} does not exist: pass the path of a YAML file.")
+    p = resolve_config_path(path)
     try:
         data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
@@ -369,14 +387,9 @@ def validate(cfg: Config) -> None:
     m, d, t, o = cfg.method, cfg.data, cfg.training, cfg.output
     if not cfg.model.name:
         raise UserError("model.name is empty: set it to a hub id or a local model directory.")
-    if cfg.model.name == DEMO_MODEL or cfg.model.tokenizer == DEMO_MODEL:
-        # the small stdlib-pretrained model that ships inside the package (what `disel demo` uses)
-        from ..experiments.demo import demo_model_dir
-
-        cfg.model.name = str(demo_model_dir()) if cfg.model.name == DEMO_MODEL else cfg.model.name
-        cfg.model.tokenizer = (
-            str(demo_model_dir()) if cfg.model.tokenizer == DEMO_MODEL else cfg.model.tokenizer
-        )
+    if DEMO_MODEL in (cfg.model.name, cfg.model.tokenizer):  # the small model that ships inside the package
+        cfg.model.name = resolve_model_name(cfg.model.name)
+        cfg.model.tokenizer = cfg.model.tokenizer and resolve_model_name(cfg.model.tokenizer)
     if cfg.model.task is not None and cfg.model.task not in TASKS:
         raise UserError(f"model.task={cfg.model.task!r} is invalid: use one of {', '.join(TASKS)}.")
     if cfg.model.dtype not in ("float32", "bfloat16", "float16", "auto"):
@@ -384,7 +397,7 @@ def validate(cfg: Config) -> None:
             f"model.dtype={cfg.model.dtype!r} is invalid: use float32, bfloat16, float16 or auto."
         )
     if not m.name:
-        raise UserError(f"method.name is empty: use one of {METHOD_NAMES_HINT}.")
+        raise UserError("method.name is empty: name a method, e.g. disel or lora (`disel methods` lists them).")
     if m.rank < 1:
         raise UserError(f"method.rank={m.rank} is invalid: use a positive integer such as 8.")
     if not 0.0 <= m.dropout < 1.0:

@@ -13,140 +13,15 @@ Every row is checked as it is read; a malformed row raises a :class:`UserError` 
 
 from __future__ import annotations
 
-import csv
-import json
-from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..data.sources import Row, read_rows
+from ..data.templates import prompt_template
 from ..errors import UserError
 from .config import Config, DataConfig
-
-ALPACA_TEMPLATE = "### Instruction:\n{instruction}\n\n### Response:\n"
-MAGICODER_TEMPLATE = (
-    "You are an exceptionally intelligent coding assistant that consistently delivers accurate and reliable "
-    "responses to user instructions.\n\n@@ Instruction\n{instruction}\n\n@@ Response\n"
-)
-TEMPLATES = {"alpaca": ALPACA_TEMPLATE, "magicoder": MAGICODER_TEMPLATE}
-LOCAL_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
-
-
-@dataclass
-class Row:
-    where: str  # "file:line" or "name[split][index]", for error messages
-    data: dict[str, Any]
-
-
-def prompt_template(name_or_text: str) -> str:
-    return TEMPLATES.get(name_or_text, name_or_text)
-
-
-# --------------------------------------------------------------------------------------------------
-# Reading rows
-
-
-def _looks_local(source: str) -> bool:
-    p = Path(source)
-    return p.suffix.lower() in LOCAL_SUFFIXES or p.exists()
-
-
-def read_rows(
-    source: str, split: str = "train", dataset_config: str | None = None, max_rows: int | None = None
-) -> list[Row]:
-    """Rows of a local JSON/JSONL/CSV/parquet file or of a `datasets` name (needs the hub or its cache)."""
-    if _looks_local(source):
-        return list(_read_local(Path(source), max_rows))
-    try:
-        import datasets
-    except ImportError as e:  # pragma: no cover - datasets is a dependency
-        raise UserError(f"Reading {source!r} needs the `datasets` package: pip install datasets.") from e
-    try:
-        ds = datasets.load_dataset(source, dataset_config, split=split)
-    except Exception as e:
-        raise UserError(
-            f"Could not load the data set {source!r} (config {dataset_config!r}, split {split!r}): {e}; "
-            "check the name, or point data.train at a local file."
-        ) from e
-    n = len(ds) if max_rows is None else min(max_rows, len(ds))
-    return [Row(f"{source}[{split}][{i}]", dict(ds[i])) for i in range(n)]
-
-
-def _read_local(path: Path, max_rows: int | None) -> Iterator[Row]:
-    if not path.is_file():
-        raise UserError(f"Data file {str(path)!r} does not exist: check data.train / data.validation.")
-    suffix = path.suffix.lower()
-    count = 0
-
-    def done() -> bool:
-        return max_rows is not None and count >= max_rows
-
-    if suffix == ".jsonl" or (suffix == ".json" and _is_json_lines(path)):
-        with path.open(encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if done():
-                    return
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise UserError(
-                        f"{path}:{lineno} is not valid JSON ({e.msg}): fix or remove that line."
-                    ) from e
-                if not isinstance(obj, dict):
-                    raise UserError(
-                        f"{path}:{lineno} is not a JSON object: each line must be {{field: value}}."
-                    )
-                count += 1
-                yield Row(f"{path}:{lineno}", obj)
-    elif suffix == ".json":
-        try:
-            obj = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{e.lineno} is not valid JSON ({e.msg}): fix the file.") from e
-        if isinstance(obj, dict) and isinstance(obj.get("data"), list):
-            obj = obj["data"]
-        if not isinstance(obj, list):
-            raise UserError(f"{path} must hold a JSON list of objects (or JSON lines).")
-        for i, item in enumerate(obj):
-            if done():
-                return
-            if not isinstance(item, dict):
-                raise UserError(f"{path}[{i}] is not a JSON object: each item must be {{field: value}}.")
-            count += 1
-            yield Row(f"{path}[{i}]", item)
-    elif suffix == ".csv":
-        with path.open(encoding="utf-8", newline="") as f:
-            reader = csv.DictReader(f)
-            for item in reader:
-                if done():
-                    return
-                if None in item:
-                    raise UserError(f"{path}:{reader.line_num} has more values than the header has columns.")
-                count += 1
-                yield Row(f"{path}:{reader.line_num}", dict(item))
-    elif suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        table = pq.read_table(path)
-        for i, item in enumerate(table.to_pylist()):
-            if done():
-                return
-            count += 1
-            yield Row(f"{path}[{i}]", item)
-    else:
-        raise UserError(f"Data file {str(path)!r} has an unknown type: use .json, .jsonl, .csv or .parquet.")
-
-
-def _is_json_lines(path: Path) -> bool:
-    with path.open(encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                return line.lstrip().startswith("{")
-    return False
 
 
 def _field(row: Row, name: str, *, kind: str = "text") -> Any:

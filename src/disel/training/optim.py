@@ -129,10 +129,13 @@ def with_disel_optimizer(trainer_cls: type) -> type:
     return _DiselTrainer
 
 
-def _make_default_trainer() -> type:
-    from transformers import Trainer
+def __getattr__(name: str) -> Any:
+    # ``DiselTrainer`` is built on first use: subclassing ``transformers.Trainer`` imports most of
+    # transformers, which ``import disel`` must not pay for.
+    if name == "DiselTrainer":
+        from transformers import Trainer
 
-    return with_disel_optimizer(Trainer)
-
-
-DiselTrainer = _make_default_trainer()
+        cls = with_disel_optimizer(Trainer)
+        globals()["DiselTrainer"] = cls
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 import shutil
 import sys
 import time
@@ -27,17 +26,22 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..data.sources import read_texts
 from ..errors import UserError
 from ..methods.gated_lora.layer import DiselGate
-from ..utils.io import atomic_write_json, read_json
+from ..rundir import (
+    EXPORT_DIR,
+    FINAL_DIR,
+    RUN_FILE,
+    checkpoints,
+    read_run_file,
+    remove_incomplete_checkpoints,
+)
+from ..utils.io import atomic_write_json
 from .config import Config, effective_lr, gate_lr
-from .data import PadCollator, PreparedData, ensure_pad_token, prepare_data, read_rows
+from .data import PadCollator, PreparedData, ensure_pad_token, prepare_data
 from .distributed import barrier, is_main_process, trainable_hash, world_size
 from .optim import with_disel_optimizer
-
-RUN_FILE = "run.json"
-FINAL_DIR = "final"
-_CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 
 def log(msg: str) -> None:
@@ -58,42 +62,7 @@ class TrainResult:
 
 
 # --------------------------------------------------------------------------------------------------
-# Checkpoints and the run file
-
-
-def read_run_file(run_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
-    p = Path(run_dir) / RUN_FILE
-    if not p.is_file():
-        return None
-    try:
-        return read_json(p)
-    except ValueError:
-        return None
-
-
-def checkpoints(run_dir: str | os.PathLike[str]) -> list[tuple[int, Path]]:
-    """Complete checkpoints, oldest first. The Trainer writes ``trainer_state.json`` last, so a checkpoint
-    without it was cut short by a crash and is not used."""
-    d = Path(run_dir)
-    if not d.is_dir():
-        return []
-    out = []
-    for p in d.iterdir():
-        m = _CKPT_RE.match(p.name)
-        if m and p.is_dir() and (p / "trainer_state.json").is_file():
-            out.append((int(m.group(1)), p))
-    return sorted(out)
-
-
-def remove_incomplete_checkpoints(run_dir: Path) -> list[Path]:
-    removed = []
-    complete = {p for _, p in checkpoints(run_dir)}
-    if run_dir.is_dir():
-        for p in run_dir.iterdir():
-            if _CKPT_RE.match(p.name) and p.is_dir() and p not in complete:
-                shutil.rmtree(p, ignore_errors=True)
-                removed.append(p)
-    return removed
+# The run file
 
 
 def _model_ref(name: str) -> str:
@@ -151,9 +120,6 @@ def _adalora_callback() -> Any:
     return AdaLoraAllocation()
 
 
-CORDA_EXPORT_DIR = "original_base_lora"
-
-
 def _corda_export_callback(model: nn.Module) -> Any:
     """CorDA rewrites the base weights to a residual, so its native checkpoints only load onto that residual.
 
@@ -169,7 +135,7 @@ def _corda_export_callback(model: nn.Module) -> Any:
             if state.is_world_process_zero:
                 ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
                 if ckpt.is_dir():
-                    export_to_lora(model, ckpt / CORDA_EXPORT_DIR)
+                    export_to_lora(model, ckpt / EXPORT_DIR)
 
     return _Export()
 
@@ -224,26 +190,17 @@ def load_tokenizer(cfg: Config) -> Any:
 
 
 def load_base_model(cfg: Config, data: PreparedData, tokenizer: Any) -> nn.Module:
-    import transformers as tf
+    from ..loading import load_base
 
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}[
-        cfg.model.dtype
-    ]
-    kw: dict[str, Any] = {"dtype": dtype, "trust_remote_code": cfg.model.trust_remote_code}
+    kw: dict[str, Any] = {}
     if cfg.task == "seq_cls":
-        auto = tf.AutoModelForSequenceClassification
         labels = data.label_names or [str(i) for i in range(data.num_labels or 2)]
         kw.update(
             num_labels=len(labels),
             id2label=dict(enumerate(labels)),
             label2id={n: i for i, n in enumerate(labels)},
         )
-    else:
-        auto = tf.AutoModelForCausalLM
-    try:
-        model = auto.from_pretrained(cfg.model.name, **kw)
-    except OSError as e:
-        raise UserError(f"Could not load the model {cfg.model.name!r} ({e}): check model.name.") from e
+    model = load_base(cfg.model.name, cfg.task, cfg.model.dtype, cfg.model.trust_remote_code, **kw)
     emb = model.get_input_embeddings()
     if emb is not None and len(tokenizer) > emb.num_embeddings:
         model.resize_token_embeddings(len(tokenizer))
@@ -254,35 +211,12 @@ def load_base_model(cfg: Config, data: PreparedData, tokenizer: Any) -> nn.Modul
     return model
 
 
-def calibration_texts(source: str, n: int) -> list[str]:
-    """Raw texts of a calibration source (see ``MethodConfig.calibration``)."""
-    if source.startswith("stdlib:"):
-        from ..data import stdlib_spec_texts
-
-        return stdlib_spec_texts(source)[:n]
-    path = Path(source)
-    if path.suffix.lower() in (".txt", ".md", ".py") and path.is_file():
-        blocks = [b.strip() for b in path.read_text(encoding="utf-8").split("\n\n")]
-        texts = [b for b in blocks if b]
-    else:
-        rows = read_rows(source, max_rows=n)
-        texts = []
-        for row in rows:
-            value = row.data.get("text")
-            if not isinstance(value, str):
-                raise UserError(f"{row.where} has no text field 'text' for method.calibration.")
-            texts.append(value)
-    if not texts:
-        raise UserError(f"method.calibration={source!r} holds no text: point it at a file with text rows.")
-    return texts[:n]
-
-
 def calibration_batches(cfg: Config, tokenizer: Any) -> Callable[[], list[dict[str, torch.Tensor]]]:
     """A zero-argument callable giving model-ready padded batches of the calibration text."""
     m = cfg.method
 
     def make() -> list[dict[str, torch.Tensor]]:
-        texts = calibration_texts(str(m.calibration), m.calibration_samples)
+        texts = read_texts(str(m.calibration), m.calibration_samples)
         ensure_pad_token(tokenizer)
         examples = []
         for t in texts:
@@ -532,7 +466,7 @@ def train(
     if main and is_corda:
         from ..methods.corda import export_to_lora
 
-        export_to_lora(trainer.model, final_tmp / CORDA_EXPORT_DIR)
+        export_to_lora(trainer.model, final_tmp / EXPORT_DIR)
     if main:
         tokenizer.save_pretrained(str(final_tmp))
         final = run_dir / FINAL_DIR

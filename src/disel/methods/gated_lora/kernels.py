@@ -36,11 +36,6 @@ from torch.nn.modules import module as _nn_module
 _ENABLED = True
 
 
-def fast_path_enabled() -> bool:
-    """Whether DISeL layers may use the fused kernel (True unless inside :func:`reference_path`)."""
-    return _ENABLED
-
-
 @contextlib.contextmanager
 def reference_path() -> Iterator[None]:
     """Run every DISeL layer through the reference module path inside this block (tests, benchmarks)."""

@@ -9,7 +9,7 @@ from peft.tuners.lora import LoraModel
 from torch import nn
 
 from .._input_dependent import create_linear_layer
-from .config import PEFT_TYPE, DiselConfig
+from .config import DiselConfig
 from .layer import MERGE_ERROR, DiselGate, DiselLinear
 
 
@@ -58,12 +58,3 @@ class DiselModel(LoraModel):
             if isinstance(module, DiselLinear) and adapter_name in module.lora_gate:
                 out[name] = module.lora_gate[adapter_name]
         return out
-
-
-def register() -> None:
-    """Make PEFT know the DISeL type (idempotent; runs on ``import disel``)."""
-    from peft import mapping
-
-    mapping.PEFT_TYPE_TO_CONFIG_MAPPING[PEFT_TYPE] = DiselConfig
-    mapping.PEFT_TYPE_TO_TUNER_MAPPING[PEFT_TYPE] = DiselModel
-    mapping.PEFT_TYPE_TO_PREFIX_MAPPING[PEFT_TYPE] = DiselModel.prefix

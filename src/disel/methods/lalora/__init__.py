@@ -27,7 +27,6 @@ from .penalty import (
     save_curvature,
     set_lambda,
 )
-from .sweep import lambda_sweep, plot_sweep, train_plain, write_sweep
 
 DEFAULTS: dict[str, Any] = {
     "lam": 1.0,  # the one knob: 0 = plain LoRA/DISeL, larger = closer to theta0 along confident directions
@@ -142,10 +141,6 @@ __all__ = [
     "add_laplace_penalty",
     "estimate_curvature",
     "get_penalty",
-    "lambda_sweep",
-    "plot_sweep",
-    "train_plain",
-    "write_sweep",
     "load_curvature",
     "penalty",
     "regularizers",

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from torch import nn
 
+from ..peft_registration import ensure_registered
 from ..registry import MethodOptions, register_method
 from .config import PEFT_TYPE, QueryableConfig
-from .diagnostics import plot_routing, routing_usage
 from .layer import AtomMemory, QueryableLinear, RoutingContext
-from .model import QueryableModel, instruction_prior, layer_index, record_routing, register
+from .model import QueryableModel, instruction_prior, layer_index, record_routing
 
-register()
+ensure_registered()
 
 
 @register_method(
@@ -34,8 +34,5 @@ __all__ = [
     "RoutingContext",
     "instruction_prior",
     "layer_index",
-    "plot_routing",
     "record_routing",
-    "routing_usage",
-    "register",
 ]

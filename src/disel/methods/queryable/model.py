@@ -12,7 +12,7 @@ from peft.tuners.lora import LoraModel
 from torch import nn
 
 from .._input_dependent import create_linear_layer
-from .config import PEFT_TYPE, QueryableConfig
+from .config import QueryableConfig
 from .layer import MERGE_ERROR, AtomMemory, QueryableLinear, RoutingContext
 
 _LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)(?:\.|$)")
@@ -91,11 +91,3 @@ def record_routing(model: nn.Module) -> Iterator[list[tuple[str, int, torch.Tens
         yield ctx.record
     finally:
         ctx.record = None
-
-
-def register() -> None:
-    from peft import mapping
-
-    mapping.PEFT_TYPE_TO_CONFIG_MAPPING[PEFT_TYPE] = QueryableConfig
-    mapping.PEFT_TYPE_TO_TUNER_MAPPING[PEFT_TYPE] = QueryableModel
-    mapping.PEFT_TYPE_TO_PREFIX_MAPPING[PEFT_TYPE] = QueryableModel.prefix

@@ -14,9 +14,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ...errors import UserError
-from ...utils.io import atomic_write_json, save_figure
-from .penalty import regularizers
+from ..errors import UserError
+from ..methods.lalora.penalty import regularizers
+from ..utils.io import atomic_write_json, save_figure
 
 
 def train_plain(
@@ -31,7 +31,7 @@ def train_plain(
 
     Returns the task losses (without the penalty), one per step.
     """
-    from ...training.optim import build_optimizer
+    from ..training.optim import build_optimizer
 
     if steps < 1 or not batches:
         raise UserError(f"train_plain needs steps >= 1 and at least one batch (got steps={steps}).")

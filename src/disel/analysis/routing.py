@@ -9,8 +9,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...errors import UserError
-from .model import record_routing
+from ..errors import UserError
+from ..methods.queryable.model import record_routing
 
 
 @torch.no_grad()
@@ -59,7 +59,7 @@ def plot_routing(usage: Mapping[str, Mapping[int, Sequence[float]]], path: str |
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ...utils.io import save_figure
+    from ..utils.io import save_figure
 
     names = list(usage)
     fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 3.0), squeeze=False)

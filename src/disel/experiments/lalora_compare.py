@@ -6,7 +6,7 @@ docstrings of the standard library (the *source* domain); it is then fine-tuned 
 on held-out docstrings (lower is better), target = token NLL on held-out code. The curvature is estimated on
 training-split docstrings (a surrogate of the source data, disjoint from the retention texts).
 
-    python -m disel.methods.lalora.experiment --out runs/lalora_experiment
+    python -m disel.experiments.lalora_compare --out runs/lalora_experiment
 
 Writes ``lambda_sweep.json``/``.png`` (target vs retention per method) and ``results.md``.
 """
@@ -23,14 +23,14 @@ from typing import Any
 
 import torch
 
-from ...data.stdlib import stdlib_docstrings, stdlib_source_chunks
-from ...evaluation.lm import token_nll
-from ...testing import tiny_model
-from ...testing_tokenizers import tiny_tokenizer
-from ...utils.io import atomic_write_text
-from ..registry import MethodOptions, build_model
-from .penalty import load_curvature, save_curvature
-from .sweep import train_plain, write_sweep
+from ..data.stdlib import stdlib_docstrings, stdlib_source_chunks
+from ..evaluation.lm import token_nll
+from ..methods.lalora.penalty import load_curvature, save_curvature
+from ..methods.registry import MethodOptions, build_model
+from ..testing import tiny_model
+from ..testing_tokenizers import tiny_tokenizer
+from ..utils.io import atomic_write_text
+from .lalora_sweep import train_plain, write_sweep
 
 
 def pack(

@@ -1,4 +1,4 @@
-"""A small, offline, end-to-end check of the gate analysis and compaction (``python -m disel.analysis.demo``).
+"""A small, offline, end-to-end check of the gate analysis and compaction (``python -m disel.experiments.gates_demo``).
 
 1. a tiny Llama (built from a config) is pretrained briefly on standard-library docstrings and source;
 2. it is fine-tuned with DISeL on one domain: arithmetic strings (``"37+58=95\\n..."``);
@@ -81,10 +81,11 @@ def build_trained_adapter(
     """Pretrain a tiny base, DISeL-fine-tune it on arithmetic; save base (``base/``) and adapter (``adapter/``)."""
     import peft
 
-    import disel
-    from disel.data.stdlib import stdlib_docstrings, stdlib_source_chunks
-    from disel.testing import tiny_model
-    from disel.testing_tokenizers import tiny_tokenizer
+    from ..data.stdlib import stdlib_docstrings, stdlib_source_chunks
+    from ..methods.gated_lora import DiselConfig
+    from ..testing import tiny_model
+    from ..testing_tokenizers import tiny_tokenizer
+    from ..training.optim import build_optimizer
 
     workdir = Path(workdir)
     torch.manual_seed(seed)
@@ -104,9 +105,9 @@ def build_trained_adapter(
     )
     model.save_pretrained(workdir / "base")
     tok.save_pretrained(workdir / "base")
-    cfg = disel.DiselConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear", gate_bias_init=-3.0)
+    cfg = DiselConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear", gate_bias_init=-3.0)
     pm = peft.get_peft_model(model, cfg)
-    opt = disel.build_optimizer(pm, lr=2e-3, gate_lr=1e-2)
+    opt = build_optimizer(pm, lr=2e-3, gate_lr=1e-2)
     ft_loss = _train(
         pm, _windows(tok, arithmetic_texts(600, seed + 1), seq_len), finetune_steps, batch, opt, seed, "disel"
     )
@@ -142,7 +143,8 @@ def write_domains(workdir: str | Path, n: int = 60, seed: int = 123) -> dict[str
 
 
 def main(argv: list[str] | None = None) -> int:
-    from disel.cli import main as cli
+    from ..analysis.api import compact_adapter, gates_report
+    from ..loading import load_adapter
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workdir", default="gates_demo")
@@ -170,36 +172,19 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps(info, indent=1))
     doms = write_domains(wd)
     calib = doms.pop("_calib")
-    args = [
-        "gates",
+    model, tok, _ = load_adapter(info["adapter"])
+    report = gates_report(model, tok, doms, wd / "gates", target="arithmetic", max_sequences=60)
+    print(json.dumps({"auroc": report.get("auroc", {}).get(report["score"], {})}, indent=1))
+    compaction = compact_adapter(
         info["adapter"],
-        "--target",
-        "arithmetic",
-        "--out",
-        str(wd / "gates"),
-        "--max-sequences",
-        "60",
-    ]
-    for k, v in doms.items():
-        args += ["--domain", f"{k}={v}"]
-    rc = cli(args)
-    if rc:
-        return rc
-    return cli(
-        [
-            "compact",
-            info["adapter"],
-            "--calibration",
-            calib,
-            "--heldout",
-            doms["arithmetic"],
-            "--out",
-            str(wd / "compact"),
-            "--max-sequences",
-            "60",
-            *(["--merge-static"] if a.merge_static else []),
-        ]
+        [calib],
+        wd / "compact",
+        heldout=doms["arithmetic"],
+        max_sequences=60,
+        merge_static=a.merge_static,
     )
+    print(json.dumps({k: compaction[k] for k in ("counts", "cost", "fidelity")}, indent=1))
+    return 0
 
 
 if __name__ == "__main__":  # pragma: no cover

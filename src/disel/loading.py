@@ -1,13 +1,18 @@
-"""Load what ``disel eval`` is pointed at: a base model, a saved adapter, a full model or a run directory."""
+"""Model and adapter loading: the one place that turns a name or a directory into a model.
+
+A base model (hub id or local directory), a saved adapter of any registered method (through PEFT's own
+loaders, which read the base from ``adapter_config.json``) or a full model directory. Weights are read with
+safetensors wherever ``transformers`` finds them.
+"""
 
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Any
 
-from ..errors import UserError
+from .errors import UserError
+from .methods.peft_registration import ensure_registered
 
 _TASK_TYPES = {"CAUSAL_LM": "causal_lm", "SEQ_CLS": "seq_cls"}
 
@@ -64,8 +69,7 @@ def load_model(
     """``(model, tokenizer, info)`` for a PEFT adapter dir (any registered method, DISeL included, in one
     call through PEFT's loaders, which read the base path from adapter_config.json), a full model dir or a
     hub id. ``info`` has ``kind`` ("adapter"/"model"), ``base`` and ``task``."""
-    import disel  # noqa: F401  (registers DISeL with PEFT)
-
+    ensure_registered()
     p = Path(path).expanduser()
     extra = {"num_labels": num_labels} if num_labels else {}
     if (p / "adapter_config.json").exists():
@@ -109,28 +113,53 @@ def load_model(
     )
 
 
-def read_run(run_dir: str | Path) -> dict[str, Any]:
-    p = Path(run_dir) / "run.json"
-    if not p.exists():
-        raise UserError(f"{run_dir} has no run.json: pass a run directory written by `disel train`.")
-    return json.loads(p.read_text())
+def load_base(
+    name: str, task: str = "causal_lm", dtype: str = "float32", trust_remote_code: bool = False, **kw: Any
+):
+    """A pretrained base model for training: ``task`` causal_lm | seq_cls | masked_lm; ``kw`` go to
+    ``from_pretrained`` (e.g. ``num_labels``, ``id2label`` for a fresh classification head)."""
+    import torch
+
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(
+        dtype, dtype
+    )
+    try:
+        return _auto_class(task).from_pretrained(
+            name, dtype=torch_dtype, trust_remote_code=trust_remote_code, **kw
+        )
+    except OSError as e:
+        raise UserError(f"Could not load the model {name!r} ({e}): check model.name.") from e
 
 
-def run_checkpoints(run_dir: str | Path) -> list[tuple[int | None, Path]]:
-    """``(step, dir)`` for every ``checkpoint-<step>`` (by step) and then ``final`` (step None)."""
-    d = Path(run_dir)
-    out: list[tuple[int | None, Path]] = []
-    for c in d.iterdir():
-        m = re.fullmatch(r"checkpoint-(\d+)", c.name)
-        if m and c.is_dir():
-            out.append((int(m.group(1)), c))
-    out.sort(key=lambda x: x[0] or 0)
-    if (d / "final").is_dir():
-        out.append((None, d / "final"))
-    # CorDA runs keep, beside each native adapter (for the residual base), a plain LoRA export for the
-    # original base model: that is the one to evaluate.
-    return [(step, p / "original_base_lora" if (p / "original_base_lora").is_dir() else p) for step, p in out]
+def load_adapter(
+    path: str | Path,
+    base: str | None = None,
+    task: str | None = None,
+    device: str = "cpu",
+    gated: bool = True,
+) -> tuple[Any, Any, Path]:
+    """(PeftModel in eval mode, tokenizer, adapter dir) of an adapter directory or a run directory.
 
+    ``gated`` (the default) requires an adapter with DISeL gates, what gate recording and compaction read."""
+    import transformers as tf
+    from peft import PeftModel
 
-def is_run_dir(path: str | Path) -> bool:
-    return (Path(path) / "run.json").exists()
+    from .rundir import adapter_dir
+
+    ensure_registered()
+    adir, run = adapter_dir(path)
+    cfg = json.loads((adir / "adapter_config.json").read_text(encoding="utf-8"))
+    if gated and cfg.get("peft_type") != "DISEL":
+        raise UserError(f"{adir} holds a {cfg.get('peft_type')} adapter; gates exist only in DISeL adapters.")
+    base = base or run.get("model") or cfg.get("base_model_name_or_path")
+    if not base:
+        raise UserError(f"{adir} does not name its base model; pass --base PATH_OR_HUB_ID.")
+    task = task or run.get("task") or _TASK_TYPES.get(cfg.get("task_type") or "", "causal_lm")
+    if task not in ("causal_lm", "seq_cls", "masked_lm"):
+        raise UserError(f"task {task!r} is unknown: use causal_lm, seq_cls or masked_lm.")
+    model = _auto_class(task).from_pretrained(base)
+    tok_dir = adir if (adir / "tokenizer_config.json").exists() else base
+    tokenizer = tf.AutoTokenizer.from_pretrained(str(tok_dir))
+    peft_model = PeftModel.from_pretrained(model, str(adir)).to(device)
+    peft_model.eval()
+    return peft_model, tokenizer, adir

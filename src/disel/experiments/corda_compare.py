@@ -5,7 +5,7 @@ schedule, same seed); reported are target NLL (held-out problems), exact-match a
 on held-out stdlib text (the demo model's pretraining domains), all with ``disel.evaluation.token_nll``.
 KPM calibrates on pretraining-domain text (what must be kept), IPM on the task's training problems.
 
-Run: ``python -m disel.methods.corda.compare --out DIR [--steps 150]``.
+Run: ``python -m disel.experiments.corda_compare --out DIR [--steps 150]``.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 
-from ...evaluation.lm import token_nll
-from ...utils.io import atomic_write_json, atomic_write_text
+from ..evaluation.lm import token_nll
+from ..utils.io import atomic_write_json, atomic_write_text
 
 VARIANTS: dict[str, tuple[str, str | None]] = {
     "lora": ("lora", None),
@@ -52,11 +52,12 @@ def text_batches(tok: Any, texts: list[str], max_length: int = 128, batch_size: 
 
 
 def run(out_dir: Path, steps: int, rank: int, n_calib: int, variants: list[str]) -> dict[str, Any]:
-    from ...data.stdlib import stdlib_docstrings, stdlib_source_chunks
-    from ...experiments.arith import arith_problems, encode_sft
-    from ...experiments.demo import DemoConfig, finetune, load_demo_model, retention_texts, target_accuracy
-    from .. import MethodOptions, build_model
-    from . import corda_info, original_base
+    from ..assets import load_demo_model
+    from ..data.stdlib import stdlib_docstrings, stdlib_source_chunks
+    from ..methods import MethodOptions, build_model
+    from ..methods.corda import corda_info, original_base
+    from .arith import arith_problems, encode_sft
+    from .demo import DemoConfig, finetune, retention_texts, target_accuracy
 
     torch.set_num_threads(2)
     cfg = DemoConfig(steps=steps, rank=rank)
