@@ -30,10 +30,15 @@ def test_paper_config_recipe_and_dry_run(tmp_path, name):
     assert cfg.data.max_length == 512 and t.epochs == 3 and t.max_grad_norm == 1.0
     assert t.bf16 is True and t.gradient_checkpointing is True
     if name.startswith("roberta"):
-        assert cfg.task == "seq_cls" and m.gate_bias_init == -7.0 and t.gate_lr == 1e-4 and t.rank_scaled_lr
+        assert (
+            cfg.task == "seq_cls"
+            and m.options["disel"]["gate_bias_init"] == -7.0
+            and t.gate_lr == 1e-4
+            and t.rank_scaled_lr
+        )
         assert cfg.grid["method_options.rank"] == [4, 8, 16, 32, 64] and cfg.grid["seed"] == [0, 1, 2]
     else:
-        assert cfg.task == "causal_lm" and m.gate_bias_init == -3.0
+        assert cfg.task == "causal_lm" and m.options["disel"]["gate_bias_init"] == -3.0
         assert t.gate_lr == pytest.approx(5 * t.lr) and t.lr == 2e-4 and t.weight_decay == 0.01
         assert len(m.target_modules) == 7 and cfg.grid["method_options.rank"] == [16, 32, 64, 128, 256]
         assert cfg.data.template == ("magicoder" if "magicoder" in name else "alpaca")

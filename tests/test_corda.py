@@ -51,7 +51,7 @@ def build(method: str, mode: str, arch: str = "llama", calib=CALIB, rank: int = 
         rank=rank,
         calibration=lambda: calib,
         task_calibration=lambda: calib,  # IPM reads the task data; here the same batches
-        extra={"corda": {"mode": mode, "progress": False, **extra}},
+        options={method: {"mode": mode, "progress": False, **extra}},
     )
 
 
@@ -200,7 +200,7 @@ def test_kpm_changes_outputs_on_its_data_less_than_lora_at_matched_target_loss()
     runs = {}
     for name, method, lr in (("kpm", "corda", 1e-3), ("lora", "lora", 3e-3)):
         extra = {"corda": {"mode": "kpm", "progress": False}} if method == "corda" else {}
-        m = build_model(tiny_model("llama", hidden=64), method, rank=4, calibration=lambda: a, extra=extra)
+        m = build_model(tiny_model("llama", hidden=64), method, rank=4, calibration=lambda: a, options=extra)
         _train(m, b, steps=10, lr=lr)
         with torch.no_grad():
             loss_b = sum(float(m(**x).loss) for x in b) / len(b)

@@ -74,7 +74,7 @@ def corda(mode: str, calibration=None, task_calibration=None, method: str = "cor
         rank=4,
         calibration=calibration,
         task_calibration=task_calibration,
-        extra={"corda": {"mode": mode, "progress": False, **settings}},
+        options={"corda": {"mode": mode, "progress": False, **settings}},
     )
 
 
@@ -140,7 +140,7 @@ def test_kpm_vs_lora_at_the_same_learning_rate():
             method,
             rank=4,
             calibration=lambda: A,
-            extra={"corda": {"progress": False, **settings}},
+            options={"corda": {"progress": False, **settings}},
         )
         assert kl_from(ref_a, outputs(m, A_EVAL)) < 1e-6  # every model starts as the base
         train(m, B, steps=10, lr=3e-3)
@@ -193,7 +193,7 @@ def disel_corda(arch: str = "llama", mode: str = "kpm", **kw):
         rank=4,
         calibration=lambda: A,
         task_calibration=lambda: B,
-        extra={"disel+corda": {"mode": mode, "progress": False}},
+        options={"disel+corda": {"mode": mode, "progress": False}},
     )
 
 
@@ -274,7 +274,7 @@ def test_disel_corda_modes_and_errors():
             "disel+corda",
             rank=4,
             calibration=lambda: A,
-            extra={"disel+corda": {"mode": "ipm", "progress": False}},
+            options={"disel+corda": {"mode": "ipm", "progress": False}},
         )
     with pytest.raises(UserError, match="mode"):
         disel_corda(mode="svd")

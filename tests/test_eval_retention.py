@@ -94,7 +94,9 @@ def test_run_dir_eval_saved_adapter_matches_in_memory(tmp_path, capsys):
     tok.save_pretrained(base_dir)
     from transformers import AutoModelForCausalLM
 
-    model = build_model(AutoModelForCausalLM.from_pretrained(base_dir), "disel", rank=4, gate_bias_init=0.0)
+    model = build_model(
+        AutoModelForCausalLM.from_pretrained(base_dir), "disel", rank=4, options={"gate_bias_init": 0.0}
+    )
     data = tmp_path / "target.jsonl"
     pairs = [("1+1=", "2"), ("2+2=", "4"), ("3+3=", "6")]
     data.write_text("".join(json.dumps({"prompt": p, "answer": a}) + "\n" for p, a in pairs))

@@ -221,7 +221,7 @@ def test_kfac_factors_and_penalty_equal_explicit_kronecker_form_on_tiny_layer():
 @pytest.mark.parametrize(("method", "arch"), [("lalora", "gpt2"), ("disel+lalora", "llama")])
 def test_registry_builds_lalora_methods(method, arch):
     opts = MethodOptions(
-        rank=2, calibration=lambda: lm_batches(pad=False), extra={"lalora": {"lam": 3.0, "n_batches": 2}}
+        rank=2, calibration=lambda: lm_batches(pad=False), options={"lalora": {"lam": 3.0, "n_batches": 2}}
     )
     model = build_model(tiny_model(arch), method, opts)
     reg = get_penalty(model)
@@ -231,11 +231,17 @@ def test_registry_builds_lalora_methods(method, arch):
     assert any(isinstance(m, disel.DiselGate) for m in model.modules()) == (method == "disel+lalora")
     with pytest.raises(UserError, match="calibration"):
         build_model(tiny_model(arch), method, rank=2)
-    with pytest.raises(UserError, match="Unknown LaLoRA option"):
-        build_model(tiny_model(arch), method, rank=2, calibration=lm_batches, extra={"lalora": {"lamda": 1}})
+    with pytest.raises(UserError, match="Unknown option.*lamda.*did you mean .lam."):
+        build_model(
+            tiny_model(arch), method, rank=2, calibration=lm_batches, options={"lalora": {"lamda": 1}}
+        )
     with pytest.raises(UserError, match="curvature="):
         build_model(
-            tiny_model(arch), method, rank=2, calibration=lm_batches, extra={"lalora": {"curvature": "full"}}
+            tiny_model(arch),
+            method,
+            rank=2,
+            calibration=lm_batches,
+            options={"lalora": {"curvature": "full"}},
         )
 
 
@@ -251,7 +257,7 @@ def test_save_load_round_trip(tmp_path, curvature):
         }
     }
     model = build_model(
-        tiny_model("llama", seed=1), "disel+lalora", rank=2, calibration=lm_batches, extra=extra
+        tiny_model("llama", seed=1), "disel+lalora", rank=2, calibration=lm_batches, options=extra
     )
     path = save_curvature(model, tmp_path)
     assert path.name == CURVATURE_FILE
@@ -273,7 +279,7 @@ def test_save_load_round_trip(tmp_path, curvature):
         tiny_model("llama", seed=1),
         "disel+lalora",
         rank=2,
-        extra={"lalora": {"curvature_dir": str(tmp_path)}},
+        options={"lalora": {"curvature_dir": str(tmp_path)}},
     )
     assert set(get_penalty(resumed).params) == set(orig.params)
     # the Trainer callback writes the same file into checkpoint-<step>/
@@ -297,7 +303,7 @@ def test_lambda_zero_equals_plain_lora_training():
     plain = build_model(tiny_model("llama"), "lora", rank=2)
     torch.manual_seed(0)
     la = build_model(
-        tiny_model("llama"), "lalora", rank=2, calibration=lm_batches, extra={"lalora": {"lam": 0.0}}
+        tiny_model("llama"), "lalora", rank=2, calibration=lm_batches, options={"lalora": {"lam": 0.0}}
     )
     l1 = train_plain(plain, data, steps=4, lr=1e-2)
     l2 = train_plain(la, data, steps=4, lr=1e-2)
@@ -317,7 +323,7 @@ def test_larger_lambda_keeps_theta_closer_to_theta0(tmp_path):
         "lalora",
         rank=2,
         calibration=lambda: lm_batches(n=2),
-        extra={"lalora": {"curvature": "kfac"}},
+        options={"lalora": {"curvature": "kfac"}},
     )
     save_curvature(base, tmp_path)
 

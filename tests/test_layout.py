@@ -19,7 +19,14 @@ PKG = SRC / "disel"
 
 STAGES: list[tuple[str, ...]] = [
     ("disel.errors", "disel.utils"),
-    ("disel.assets", "disel.data", "disel.results", "disel.rundir", "disel.testing", "disel.testing_tokenizers"),
+    (
+        "disel.assets",
+        "disel.data",
+        "disel.results",
+        "disel.rundir",
+        "disel.testing",
+        "disel.testing_tokenizers",
+    ),
     ("disel.methods",),
     ("disel.loading",),
     ("disel.training",),

@@ -163,7 +163,7 @@ def test_instruction_prior_shifts_routing():
 
 
 def test_registry_and_bad_config():
-    model = build_model(tiny_model("llama"), "queryable", rank=4, extra={"queryable": {"num_atoms": 3}})
+    model = build_model(tiny_model("llama"), "queryable", rank=4, options={"queryable": {"num_atoms": 3}})
     assert model.peft_config["default"].num_atoms == 3
     with pytest.raises(ValueError, match="top_k=5.*num_atoms=4"):
         QueryableConfig(target_modules="all-linear", num_atoms=4, top_k=5)

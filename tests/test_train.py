@@ -18,7 +18,6 @@ from disel.results import ResultsStore
 from disel.training.config import (
     config_from_dict,
     effective_lr,
-    gate_lr,
     load_config,
     parse_override_args,
 )
@@ -131,12 +130,19 @@ def test_rank_scaled_and_gate_learning_rates():
         {
             "model": {"name": "m"},
             "data": {"train": "x"},
-            "method": {"name": "disel", "rank": 32, "gate_lr_multiplier": 5.0},
+            "method": {"name": "disel", "rank": 32, "options": {"disel": {"gate_lr_multiplier": 5.0}}},
             "training": {"lr": 4e-4, "rank_scaled_lr": True, "rank_scaled_lr_reference": 8},
         }
     )
     assert effective_lr(cfg) == pytest.approx(4e-4 * (8 / 32) ** 0.5)
-    assert gate_lr(cfg) == pytest.approx(2e-3)  # from the unscaled lr
+    from disel.methods import MethodOptions, build_model
+    from disel.testing import tiny_model
+    from disel.training.trainer import gate_learning_rate
+
+    model = build_model(tiny_model("llama"), "disel", MethodOptions(rank=2, options=cfg.method.options))
+    assert gate_learning_rate(model, cfg.training.lr) == pytest.approx(2e-3)  # from the unscaled lr
+    assert gate_learning_rate(model, cfg.training.lr, 1e-2) == 1e-2  # training.gate_lr wins
+    assert gate_learning_rate(tiny_model("llama"), cfg.training.lr) is None  # no gates, no gate lr
     full = config_from_dict({**cfg.to_dict(), "method": {**cfg.to_dict()["method"], "name": "full"}})
     assert effective_lr(full) == pytest.approx(4e-4)
 
@@ -279,7 +285,7 @@ def test_seq_cls_trains_and_saves_the_new_head(tmp_path, assets):
             assets,
             tmp_path,
             model={"name": str(assets / "roberta")},
-            method={"gate_bias_init": -7.0},
+            method={"options": {"gate_bias_init": -7.0}},
             data={
                 "train": str(assets / "cls.jsonl"),
                 "format": "classification",
@@ -333,7 +339,7 @@ def test_data_methods_get_calibration_and_resume_with_saved_curvature(tmp_path, 
         "calibration": "stdlib:docstrings",
         "calibration_samples": 8,
         "calibration_max_length": 32,
-        "extra": {"lalora": {"lam": 1.0, "curvature": "diag"}},
+        "options": {"lalora": {"lam": 1.0, "curvature": "diag"}},
     }
     cfg = config_from_dict(_cfg(assets, tmp_path, method=method, training={"max_steps": 2, "save_steps": 1}))
     res = train(cfg, progress=False)
@@ -368,7 +374,7 @@ def test_corda_run_exports_plain_lora_for_the_original_base(tmp_path, assets):
         "calibration": "stdlib:docstrings",
         "calibration_samples": 16,
         "calibration_max_length": 48,
-        "extra": {"corda": {"mode": "ipm", "cache_dir": str(tmp_path / "cov")}},
+        "options": {"corda": {"mode": "ipm", "cache_dir": str(tmp_path / "cov")}},
     }
     cfg = config_from_dict(_cfg(assets, tmp_path, method=method, training={"max_steps": 2, "save_steps": 1}))
     res = train(cfg, progress=False)

@@ -97,7 +97,7 @@ def run(out_dir: Path, steps: int, rank: int, n_calib: int, variants: list[str])
             target_modules=cfg.target_modules,
             calibration=lambda: calib["kpm"],  # knowledge to keep (KPM)
             task_calibration=lambda: calib["ipm"],  # the task (IPM)
-            extra={"corda": {"mode": mode, "progress": False}} if mode else {},
+            options={"corda": {"mode": mode, "progress": False}} if mode else {},
         )
         model = build_model(model, method, opts)
         row: dict[str, Any] = {"build_seconds": time.time() - t0}

@@ -70,7 +70,7 @@ class DemoConfig:
     n_calibration: int = 32  # pretraining texts for methods that read data at build time (lalora, corda)
     method_extra: dict[str, Any] = field(
         default_factory=dict
-    )  # MethodOptions.extra, e.g. {"lalora": {"lam": 3}}
+    )  # MethodOptions.options by method name, e.g. {"lalora": {"lam": 3}}
     threads: int | None = 1  # one thread: tiny matmuls gain little from more, and shared cores lose a lot
     model: str | None = None  # a local model directory instead of the shipped one
     # also write each method's adapter (OUT/adapters/NAME) and the task data (OUT/data/*.jsonl), for
@@ -279,8 +279,11 @@ def _run_demo(cfg: DemoConfig, out_dir: str | Path, log: Callable[[str], None]) 
             target_modules=cfg.target_modules,
             task_type="CAUSAL_LM",
             total_steps=cfg.steps,
-            gate_bias_init=cfg.gate_bias_init,
-            gate_lr_multiplier=cfg.gate_lr_multiplier,
+            # every gated method (disel, disel+lalora, disel+corda) reads the "disel" section
+            options={
+                "disel": {"gate_bias_init": cfg.gate_bias_init, "gate_lr_multiplier": cfg.gate_lr_multiplier},
+                **copy.deepcopy(cfg.method_extra),
+            },
             # methods that read data at build time (LaLoRA's curvature, CorDA's covariance) see the
             # pretraining domains: the knowledge to keep
             calibration=lambda: calibration_batches(tok, cfg),
@@ -289,7 +292,6 @@ def _run_demo(cfg: DemoConfig, out_dir: str | Path, log: Callable[[str], None]) 
                 _collate(train[i : i + 8], tok.pad_token_id)
                 for i in range(0, min(len(train), cfg.n_calibration), 8)
             ],
-            extra=dict(cfg.method_extra),
         )
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         lr = cfg.lr_full if name == "full" else cfg.lr

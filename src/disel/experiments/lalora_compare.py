@@ -123,7 +123,7 @@ def run(
             opts = dict(
                 rank=rank,
                 calibration=lambda: calib,
-                extra={"lalora": {"curvature": curvature, "n_batches": 8}},
+                options={"lalora": {"curvature": curvature, "n_batches": 8}},
             )
             torch.manual_seed(seed)
             est = build_model(

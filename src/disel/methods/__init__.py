@@ -8,6 +8,7 @@ from .registry import (
     build_model,
     get_method,
     register_method,
+    resolve_options,
 )
 
 __all__ = [
@@ -18,4 +19,5 @@ __all__ = [
     "build_model",
     "get_method",
     "register_method",
+    "resolve_options",
 ]

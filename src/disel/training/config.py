@@ -9,10 +9,7 @@ silently trains with a default.
 from __future__ import annotations
 
 import copy
-import dataclasses
-import types
-import typing
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +17,7 @@ import yaml
 
 from ..assets import DEMO_MODEL, resolve_model_name
 from ..errors import UserError
+from ..utils.typed import build_dataclass
 
 DATA_FORMATS = ("instruction", "classification", "text")
 TASKS = ("causal_lm", "seq_cls")
@@ -39,7 +37,7 @@ class ModelConfig:
 
 @dataclass
 class MethodConfig:
-    """The fine-tuning method and its :class:`disel.methods.registry.MethodOptions`."""
+    """The fine-tuning method: the options every method reads, and the method's own ``options``."""
 
     name: str = "disel"
     rank: int = 8
@@ -47,11 +45,10 @@ class MethodConfig:
     dropout: float = 0.0
     target_modules: str | list[str] | None = "all-linear"
     modules_to_save: list[str] | None = None
-    gate_bias_init: float = -3.0
-    gate_lr_multiplier: float = 5.0
-    gate_bottleneck: int | None = None
-    gate_logit_scale: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)  # per-method settings, e.g. {adalora: {...}}
+    # The method's own options, checked against its option dataclasses (DiselConfig's fields for DISeL, e.g.
+    # gate_bias_init, gate_lr_multiplier; LaLoRAOptions, CordaOptions, ...): flat keys for this method, and/or
+    # sections named after methods ({disel: {...}, adalora: {...}}) that apply only when that method runs.
+    options: dict[str, Any] = field(default_factory=dict)
     # Calibration / source-domain text for methods that need data at build time (LaLoRA's curvature,
     # CorDA's covariance): a local text/JSON/JSONL/CSV/parquet file (field `text`), a `datasets` name, or
     # `stdlib:docstrings` / `stdlib:source` (held-out standard-library text, offline).
@@ -90,7 +87,7 @@ class TrainingConfig:
     epochs: float = 3.0
     max_steps: int = -1  # > 0 overrides epochs
     lr: float = 2e-4
-    gate_lr: float | None = None  # default: lr * method.gate_lr_multiplier (before rank scaling)
+    gate_lr: float | None = None  # default: lr * the adapter's gate_lr_multiplier (before rank scaling)
     rank_scaled_lr: bool = False  # lr * (rank_scaled_lr_reference / rank) ** rank_scaled_lr_power
     rank_scaled_lr_reference: int = 8
     rank_scaled_lr_power: float = 0.5
@@ -180,100 +177,12 @@ def canonical_key(key: str) -> str:
 # Building and validating
 
 
-def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
-def _coerce(value: Any, tp: Any, where: str) -> Any:
-    """Check ``value`` against the annotation ``tp``; ints are accepted for floats."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return _coerce(value, a, where)
-            except UserError as e:
-                errors.append(e)
-        want = " or ".join(_type_name(a) for a in args)
-        raise UserError(f"{where}={value!r} has the wrong type: use {want}.")
-    if tp is Any:
-        return value
-    if origin is list:
-        if not isinstance(value, list):
-            raise UserError(f"{where}={value!r} has the wrong type: use a list such as [a, b].")
-        (inner,) = typing.get_args(tp) or (Any,)
-        return [_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise UserError(f"{where}={value!r} has the wrong type: use a mapping such as {{key: value}}.")
-        return copy.deepcopy(value)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise UserError(f"{where}={value!r} has the wrong type: use true or false.")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise UserError(f"{where}={value!r} has the wrong type: use an integer.")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML reads "1e-4" (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise UserError(f"{where}={value!r} has the wrong type: use a number such as 1e-4.")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise UserError(f"{where}={value!r} has the wrong type: use a string.")
-    return value
-
-
-def _build(cls: type, data: Any, where: str) -> Any:
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise UserError(f"{where or 'the config'} must be a mapping of keys to values, got {data!r}.")
-    hints = _hints(cls)
-    names = {f.name for f in fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise UserError(
-            f"Unknown key {(where + '.' if where else '') + str(unknown[0])!r}: "
-            f"valid keys{' of ' + where if where else ''} are {', '.join(sorted(names))}."
-        )
-    kwargs = {}
-    for name, value in data.items():
-        tp = hints[name]
-        path = f"{where}.{name}" if where else name
-        if dataclasses.is_dataclass(tp):
-            kwargs[name] = _build(tp, value, path)
-        else:
-            kwargs[name] = _coerce(value, tp, path)
-    return cls(**kwargs)
-
-
 def config_from_dict(data: dict[str, Any]) -> Config:
     """Build and validate a :class:`Config`; ``method: lora`` is short for ``method: {name: lora}``."""
     data = copy.deepcopy(data or {})
     if isinstance(data.get("method"), str):
         data["method"] = {"name": data["method"]}
-    cfg = _build(Config, data, "")
+    cfg = build_dataclass(Config, data, "")
     validate(cfg)
     return cfg
 
@@ -397,7 +306,12 @@ def validate(cfg: Config) -> None:
             f"model.dtype={cfg.model.dtype!r} is invalid: use float32, bfloat16, float16 or auto."
         )
     if not m.name:
-        raise UserError("method.name is empty: name a method, e.g. disel or lora (`disel methods` lists them).")
+        raise UserError(
+            "method.name is empty: name a method, e.g. disel or lora (`disel methods` lists them)."
+        )
+    from ..methods.registry import resolve_options
+
+    resolve_options(m.name, m.options, "method.options")  # unknown method / option: one sentence naming it
     if m.rank < 1:
         raise UserError(f"method.rank={m.rank} is invalid: use a positive integer such as 8.")
     if not 0.0 <= m.dropout < 1.0:
@@ -462,19 +376,15 @@ def effective_lr(cfg: Config) -> float:
     """The LoRA-path learning rate, rank-scaled when ``training.rank_scaled_lr`` is on.
 
     Formula: ``lr * (reference / rank) ** power`` (reference 8, power 0.5 by default), applied to LoRA, DoRA
-    and DISeL's LoRA factors only; the gate learning rate and other methods keep their learning rate.
+    and DISeL's LoRA factors only (the methods registered with ``rank_scaled_lr``); the gate learning rate and
+    other methods keep their learning rate.
     """
+    from ..methods.registry import get_method
+
     t = cfg.training
-    if t.rank_scaled_lr and cfg.method.name in ("lora", "dora", "disel"):
+    if t.rank_scaled_lr and get_method(cfg.method.name).rank_scaled_lr:
         return t.lr * (t.rank_scaled_lr_reference / cfg.method.rank) ** t.rank_scaled_lr_power
     return t.lr
-
-
-def gate_lr(cfg: Config) -> float:
-    """The gates' learning rate: ``training.gate_lr`` or ``lr * method.gate_lr_multiplier`` (unscaled lr)."""
-    if cfg.training.gate_lr is not None:
-        return cfg.training.gate_lr
-    return cfg.training.lr * cfg.method.gate_lr_multiplier
 
 
 def dump_yaml(cfg: Config) -> str:

@@ -12,13 +12,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..methods.gated_lora.config import DiselConfig
 from ..methods.gated_lora.layer import DiselGate
 
-DEFAULT_GATE_LR_MULTIPLIER = 5.0
 _NORM_TYPES: tuple[type[nn.Module], ...] = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.RMSNorm)
 
 
-def _gate_lr_multiplier(model: nn.Module) -> float:
+def gate_lr_multiplier(model: nn.Module) -> float:
+    """The active adapter config's ``gate_lr_multiplier`` (DiselConfig's default when it has none)."""
     configs = getattr(model, "peft_config", None)
     if isinstance(configs, dict):
         active = getattr(model, "active_adapter", None)
@@ -29,7 +30,7 @@ def _gate_lr_multiplier(model: nn.Module) -> float:
         mult = getattr(cfg, "gate_lr_multiplier", None)
         if mult is not None:
             return float(mult)
-    return DEFAULT_GATE_LR_MULTIPLIER
+    return float(DiselConfig.__dataclass_fields__["gate_lr_multiplier"].default)
 
 
 def _is_norm(module: nn.Module) -> bool:
@@ -41,13 +42,13 @@ def param_groups(
 ) -> list[dict[str, Any]]:
     """Three groups of trainable parameters: ``decay``, ``no_decay`` (biases, norms) and ``gates``.
 
-    ``gate_lr`` defaults to ``lr`` times the adapter config's ``gate_lr_multiplier`` (5.0 if none).
+    ``gate_lr`` defaults to ``lr`` times the adapter config's ``gate_lr_multiplier`` (DiselConfig's default if none).
     Empty groups are left out.
     """
     if lr <= 0:
         raise ValueError(f"learning rate {lr!r} must be positive.")
     if gate_lr is None:
-        gate_lr = lr * _gate_lr_multiplier(model)
+        gate_lr = lr * gate_lr_multiplier(model)
     if gate_lr <= 0:
         raise ValueError(f"gate learning rate {gate_lr!r} must be positive.")
     if weight_decay < 0:

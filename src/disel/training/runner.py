@@ -28,7 +28,7 @@ from torch import nn
 
 from ..data.sources import read_texts
 from ..errors import UserError
-from ..methods.gated_lora.layer import DiselGate
+from ..methods.registry import get_method
 from ..rundir import (
     EXPORT_DIR,
     FINAL_DIR,
@@ -38,10 +38,10 @@ from ..rundir import (
     remove_incomplete_checkpoints,
 )
 from ..utils.io import atomic_write_json
-from .config import Config, effective_lr, gate_lr
+from .config import Config, effective_lr
 from .data import PadCollator, PreparedData, ensure_pad_token, prepare_data
 from .distributed import barrier, is_main_process, trainable_hash, world_size
-from .optim import with_disel_optimizer
+from .trainer import gate_learning_rate, make_trainer_class, method_callbacks
 
 
 def log(msg: str) -> None:
@@ -73,71 +73,6 @@ def _model_ref(name: str) -> str:
 
 # --------------------------------------------------------------------------------------------------
 # Trainer pieces
-
-
-def make_trainer_class(base: type | None = None) -> type:
-    """DISeL's optimizer groups plus the ``_disel_regularizers`` extra losses, on ``base`` (Trainer)."""
-    if base is None:
-        from transformers import Trainer
-
-        base = Trainer
-
-    class RunTrainer(with_disel_optimizer(base)):  # type: ignore[misc]
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # type: ignore[override]
-            result = super().compute_loss(
-                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
-            )
-            regs = getattr(self.model, "_disel_regularizers", None)
-            if not regs or not model.training:
-                return result
-            loss, outputs = result if return_outputs else (result, None)
-            extra = sum(fn() for fn in regs)
-            # When the task loss is already normalised over the whole accumulated batch, the Trainer does not
-            # divide by the accumulation steps, so the regulariser (added once per micro-batch) must be.
-            scaled = self.model_accepts_loss_kwargs and num_items_in_batch is not None
-            if scaled:
-                extra = extra / max(1, getattr(self, "current_gradient_accumulation_steps", 1))
-            loss = loss + extra.to(loss.device)
-            return (loss, outputs) if return_outputs else loss
-
-    return RunTrainer
-
-
-def _adalora_callback() -> Any:
-    from transformers import TrainerCallback
-
-    class AdaLoraAllocation(TrainerCallback):
-        """AdaLoRA prunes its rank budget from the gradients: ``update_and_allocate`` after every optimizer
-        step, before the gradients are zeroed."""
-
-        def on_optimizer_step(self, args, state, control, **kwargs):  # type: ignore[override]
-            model = kwargs.get("model")
-            base = getattr(model, "base_model", None)
-            if base is not None and hasattr(base, "update_and_allocate"):
-                base.update_and_allocate(state.global_step)
-            return control
-
-    return AdaLoraAllocation()
-
-
-def _corda_export_callback(model: nn.Module) -> Any:
-    """CorDA rewrites the base weights to a residual, so its native checkpoints only load onto that residual.
-
-    Beside each checkpoint this writes ``original_base_lora/``: the same update as a plain LoRA adapter for
-    the ORIGINAL base model (what evaluation loads); the native adapter stays for resuming.
-    """
-    from transformers import TrainerCallback
-
-    from ..methods.corda import export_to_lora
-
-    class _Export(TrainerCallback):
-        def on_save(self, args, state, control, **kwargs):  # type: ignore[override]
-            if state.is_world_process_zero:
-                ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-                if ckpt.is_dir():
-                    export_to_lora(model, ckpt / EXPORT_DIR)
-
-    return _Export()
 
 
 def resolve_bf16(setting: bool | str) -> bool:
@@ -250,11 +185,22 @@ def task_calibration_batches(
 
 
 def adapt_model(
-    cfg: Config, model: nn.Module, total_steps: int, tokenizer: Any = None, train_set: Any = None
+    cfg: Config,
+    model: nn.Module,
+    total_steps: int,
+    tokenizer: Any = None,
+    train_set: Any = None,
+    resume: str | None = None,
 ) -> nn.Module:
-    from ..methods.registry import MethodOptions, build_model
+    """``model`` adapted with the config's method; ``resume`` (a checkpoint dir) lets the method restore
+    state saved beside it instead of recomputing it."""
+    from ..methods.registry import MethodOptions, build_model, resolve_options
 
     m = cfg.method
+    spec = get_method(m.name)
+    options = resolve_options(m.name, m.options, "method.options")
+    if resume and spec.resume is not None:
+        options = spec.resume(options, Path(resume))
     modules_to_save = list(m.modules_to_save or [])
     task_type = "SEQ_CLS" if cfg.task == "seq_cls" else "CAUSAL_LM"
     opts = MethodOptions(
@@ -265,11 +211,7 @@ def adapt_model(
         task_type=task_type,
         modules_to_save=modules_to_save or None,
         total_steps=total_steps,
-        gate_bias_init=m.gate_bias_init,
-        gate_lr_multiplier=m.gate_lr_multiplier,
-        gate_bottleneck=m.gate_bottleneck,
-        gate_logit_scale=m.gate_logit_scale,
-        extra=dict(m.extra),
+        options=options,
         calibration=calibration_batches(cfg, tokenizer) if m.calibration and tokenizer is not None else None,
         task_calibration=task_calibration_batches(cfg, train_set, tokenizer)
         if train_set is not None and tokenizer is not None
@@ -407,28 +349,14 @@ def train(
     total = total_optimizer_steps(cfg, len(data.train), world, accum)
     base = load_base_model(cfg, data, tokenizer)
     set_seed(cfg.training.seed)  # the adapter's initialisation depends on the seed only
-    if resume and "lalora" in cfg.method.name and (Path(resume) / "lalora_curvature.safetensors").exists():
-        # resume with the curvature (and theta0) saved beside the checkpoint instead of re-estimating it
-        lalora_opts = dict(cfg.method.extra.get("lalora") or {})
-        lalora_opts["curvature_dir"] = resume
-        cfg.method.extra = {**cfg.method.extra, "lalora": lalora_opts}
-    model = adapt_model(cfg, base, total, tokenizer, data.train)
-
-    cbs = list(callbacks or [])
-    if cfg.method.name == "adalora":
-        cbs.append(_adalora_callback())
-    if "lalora" in cfg.method.name:
-        from ..methods.lalora import checkpoint_callback
-
-        cbs.append(checkpoint_callback())  # the curvature travels with every checkpoint
-    is_corda = cfg.method.name in ("corda", "corda++")
-    if is_corda:
-        cbs.append(_corda_export_callback(model))
+    model = adapt_model(cfg, base, total, tokenizer, data.train, resume=resume)
+    spec = get_method(cfg.method.name)
+    cbs = [*(callbacks or []), *method_callbacks(spec, model)]
     args = training_arguments(cfg, run_dir, accum, progress)
     trainer_cls = make_trainer_class(trainer_base)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     # every gated method (disel, disel+lalora, disel+corda, ...) gets the gates' own learning rate
-    uses_gates = any(isinstance(mod, DiselGate) for mod in model.modules())
+    gates_lr = gate_learning_rate(model, cfg.training.lr, cfg.training.gate_lr)
     trainer = trainer_cls(
         model=model,
         args=args,
@@ -437,7 +365,7 @@ def train(
         data_collator=PadCollator(pad_id),
         processing_class=tokenizer,
         callbacks=cbs,
-        gate_lr=gate_lr(cfg) if uses_gates else None,
+        gate_lr=gates_lr,
     )
     started = info.get("started") if info else None
     if main:
@@ -463,10 +391,8 @@ def train(
     barrier()
     trainer.save_model(str(final_tmp))  # every rank calls it: FSDP/DeepSpeed gather the weights here
     digest = trainable_hash(trainer.model)
-    if main and is_corda:
-        from ..methods.corda import export_to_lora
-
-        export_to_lora(trainer.model, final_tmp / EXPORT_DIR)
+    if main and spec.export is not None:
+        spec.export(trainer.model, final_tmp / EXPORT_DIR)
     if main:
         tokenizer.save_pretrained(str(final_tmp))
         final = run_dir / FINAL_DIR
@@ -483,7 +409,7 @@ def train(
             wall_seconds=wall,
             resumed_from=Path(resume).name if resume else None,
             lr=effective_lr(cfg),
-            gate_lr=gate_lr(cfg) if uses_gates else None,
+            gate_lr=gates_lr,
             trainable_sha256=digest,
         )
         atomic_write_json(run_dir / RUN_FILE, run_record(cfg, run_dir, "finished", **extra))

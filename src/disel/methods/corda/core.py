@@ -18,7 +18,7 @@ import shutil
 import tempfile
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -72,15 +72,35 @@ class CordaInfo:
         return out
 
 
+@dataclass
+class CordaOptions:
+    """CorDA's options (``method.options``); LoRA's own fields (e.g. ``lora_bias``) are accepted too."""
+
+    mode: str = "kpm"  # "kpm": keep the calibration data's knowledge; "ipm": preview the task
+    progress: bool = True
+    cache_dir: str | None = None  # covariance cache (safetensors) shared by runs on the same data
+    balance: bool = False  # rescale A and B to equal norms per component after the decomposition
+
+
+@dataclass
+class CordaPlusPlusOptions:
+    """CorDA++'s own options, beside :class:`CordaOptions`."""
+
+    num_candidates: int = 3  # covariance subsets to choose from per layer
+    include_pooled: bool = True  # the pooled covariance is a candidate too
+    budget: int | None = None  # adapter parameters in all; default rank x the layers' costs
+    allocate_ranks: bool = True
+    min_rank: int = 1
+    max_rank: int | None = None  # default 4 x rank
+
+
 def _settings(o: MethodOptions, method: str) -> dict[str, Any]:
-    s = dict(o.extra.get("corda", {}) or {})
+    s = asdict(CordaOptions(**o.pick(CordaOptions)))
     if method == "corda++":
-        s.update(o.extra.get("corda++", {}) or {})
-    mode = str(s.get("mode", "kpm")).lower()
+        s.update(asdict(CordaPlusPlusOptions(**o.pick(CordaPlusPlusOptions))))
+    mode = str(s["mode"]).lower()
     if mode not in MODES:
-        raise UserError(
-            f"CorDA mode={s.get('mode')!r} is invalid: use 'kpm' (keep knowledge) or 'ipm' (task)."
-        )
+        raise UserError(f"CorDA mode={s['mode']!r} is invalid: use 'kpm' (keep knowledge) or 'ipm' (task).")
     s["mode"] = mode
     return s
 
@@ -201,7 +221,7 @@ def build_corda(model: nn.Module, o: MethodOptions, method: str = "corda") -> nn
                 budget,
                 mode,
                 min_rank=int(s.get("min_rank", 1)),
-                max_rank=int(s.get("max_rank", 4 * o.rank)),
+                max_rank=int(s["max_rank"] or 4 * o.rank),
             )
             ranks = allocation.ranks
     else:
@@ -218,11 +238,13 @@ def build_corda(model: nn.Module, o: MethodOptions, method: str = "corda") -> nn
         cov_file = os.path.join(tmp, "covariance.pt")
         torch.save({n: chosen[n].float().to(next(model.parameters()).device) for n in names}, cov_file)
         cfg = LoraConfig(
-            **lora_kw,
-            init_lora_weights="corda",
-            rank_pattern=rank_pattern,
-            corda_config=CordaConfig(corda_method=mode, covariance_file=cov_file, verbose=False),
-            **s.get("lora", {}),
+            **{
+                **o.pick(LoraConfig),
+                **lora_kw,
+                "init_lora_weights": "corda",
+                "rank_pattern": rank_pattern,
+                "corda_config": CordaConfig(corda_method=mode, covariance_file=cov_file, verbose=False),
+            }
         )
         preprocess_corda(model, cfg)
     finally:

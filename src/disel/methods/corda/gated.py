@@ -5,11 +5,12 @@ CorDA (KPM) puts its adapter on the right singular directions of ``W Ĉ`` with t
 ``W``. Here those rows (normalised, then scaled to the norm of DISeL's usual random rows) become DISeL's
 down-projection ``A``; ``B`` stays zero and the gates start closed, so the model computes exactly the base at
 initialisation and the base weight is never rewritten (no residual, nothing to export). IPM takes the top
-directions of the task data instead. Settings: ``MethodOptions.extra["disel+corda"]`` (see docs/corda.md).
+directions of the task data instead. Settings: ``method.options`` (:class:`DiselCordaOptions` and DISeL's) (see docs/corda.md).
 """
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -45,10 +46,19 @@ def corda_directions(weight: torch.Tensor, cov: torch.Tensor, r: int, mode: str)
     return (rows / rows.norm(dim=1, keepdim=True).clamp_min(1e-30)).float()
 
 
+@dataclass
+class DiselCordaOptions:
+    """``disel+corda``'s own options, beside DISeL's (``DiselConfig`` fields)."""
+
+    mode: str = "kpm"  # "kpm": directions the knowledge to keep barely excites; "ipm": the task's top ones
+    cache_dir: str | None = None
+    progress: bool = True
+
+
 def build_disel_corda(model: nn.Module, o: MethodOptions) -> nn.Module:
     """DISeL (built exactly as the ``disel`` method) with ``A`` set from CorDA directions of the calibration data."""
-    s = dict(o.extra.get("disel+corda", {}) or {})
-    mode = str(s.get("mode", "kpm")).lower()
+    s = asdict(DiselCordaOptions(**o.pick(DiselCordaOptions)))
+    mode = str(s["mode"]).lower()
     if mode not in MODES:
         raise UserError(
             f"disel+corda mode={s.get('mode')!r} is invalid: use 'kpm' (keep knowledge) or 'ipm' (task)."
@@ -69,7 +79,7 @@ def build_disel_corda(model: nn.Module, o: MethodOptions) -> nn.Module:
             layer = inner.get_submodule(n)
             lora_a = getattr(layer, "lora_A", None)
             if lora_a is None or "default" not in lora_a:
-                continue  # not adapted by DISeL (e.g. excluded through extra["disel"])
+                continue  # not adapted by DISeL (e.g. excluded through DISeL's options)
             a = lora_a["default"].weight
             k = min(d.shape[0], a.shape[0])
             # Keep DISeL's usual step sizes: the new rows get the mean norm of the random rows they replace.

@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..peft_registration import ensure_registered
-from ..registry import MethodOptions, register_method
+from ..registry import MethodOptions, peft_config, register_method
 from .config import PEFT_TYPE, QueryableConfig
 from .layer import AtomMemory, QueryableLinear, RoutingContext
 from .model import QueryableModel, instruction_prior, layer_index, record_routing
@@ -18,11 +18,12 @@ ensure_registered()
     "Queryable LoRA: per-layer LoRA factors around an r x r operator routed (top-k attention) from update "
     "atoms shared by all layers.",
     input_dependent=True,
+    options=(QueryableConfig,),
 )
 def _build_queryable(model: nn.Module, o: MethodOptions) -> nn.Module:
     from peft import get_peft_model
 
-    return get_peft_model(model, QueryableConfig(**o.peft_common(), **o.extra.get("queryable", {})))
+    return get_peft_model(model, peft_config(QueryableConfig, o))
 
 
 __all__ = [
