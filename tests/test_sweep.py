@@ -57,30 +57,43 @@ def test_expand_grid_ids_and_values(tmp_path):
         expand_grid(config_from_dict({**_base(tmp_path), "grid": {"training.lrr": [1]}}))
 
 
-def test_sweep_skips_finished_runs_and_evaluates_each_once(tmp_path):
+def test_sweep_skips_finished_runs_and_evaluates_each_run(tmp_path):
+    from disel.training.config import run_key
+    from disel.training.runner import run_record
+    from disel.utils.io import atomic_write_json
+
     cfg = config_from_dict({**_base(tmp_path), "grid": {"seed": [0, 1, 2]}, "eval": {"suite": "toy"}})
     trained, evaluated = [], []
 
-    def fake_train(rc, store, progress):
+    def fake_train(rc, store, progress, sweep):
         trained.append(rc.run_id)
-        store.put("run", rc.run_id, {"status": "finished", "method": rc.method.name, "rank": rc.method.rank})
+        atomic_write_json(rc.run_dir / "run.json", run_record(rc, rc.run_dir, "finished"))
+        store.put("run", run_key(rc), {"status": "finished", "method": rc.method.name, "sweep": sweep})
 
     def fake_eval(run_dir, spec, store):
         evaluated.append((Path(run_dir).name, spec["suite"]))
-        store.add("eval", Path(run_dir).name, {"target_score": 1.0})
 
     s = run_sweep(cfg, progress=False, evaluate=fake_eval, train_fn=fake_train)
     assert trained == ["disel-r2-s0", "disel-r2-s1", "disel-r2-s2"] and len(s.evaluated) == 3
     assert evaluated == [(r, "toy") for r in trained]
+    recs = ResultsStore(cfg.results_path).records(kind="run")
+    assert len({r["sweep"] for r in recs}) == 1 and str(tmp_path / "runs") in recs[0]["sweep"]
+    # A rerun trains nothing and hands every run to the evaluation, which finishes only missing units.
     s2 = run_sweep(cfg, progress=False, evaluate=fake_eval, train_fn=fake_train)
-    assert len(trained) == 3 and len(evaluated) == 3 and s2.skipped == trained
-    # Without the evaluation module the sweep goes on and says why.
-    cfg2 = config_from_dict({**_base(tmp_path / "b"), "grid": {"seed": [0]}, "eval": {"suite": "toy"}})
-    import disel.evaluation as ev
+    assert len(trained) == 3 and s2.skipped == trained and len(evaluated) == 6
+    # Other hyper-parameters on the same dir and store are other runs: all three train again, beside.
+    cfg_b = config_from_dict({**cfg.to_dict(), "training": {**cfg.to_dict()["training"], "lr": 5e-4}})
+    s3 = run_sweep(cfg_b, progress=False, evaluate=fake_eval, train_fn=fake_train)
+    assert len(s3.trained) == 3 and all(r.startswith("disel-r2-s") and len(r) > 12 for r in s3.trained)
+    assert len(ResultsStore(cfg.results_path).records(kind="run")) == 6
 
-    if not hasattr(ev, "evaluate_run"):
-        s3 = run_sweep(cfg2, progress=False, train_fn=fake_train)
-        assert s3.eval_skipped_reason and "evaluate_run" in s3.eval_skipped_reason
+
+def test_sweep_validates_the_whole_grid_before_training(tmp_path):
+    cfg = config_from_dict({**_base(tmp_path), "grid": {"method": ["lora", "disel", "lroa"]}})
+    trained = []
+    with pytest.raises(UserError, match="lroa"):
+        run_sweep(cfg, progress=False, train_fn=lambda rc, **kw: trained.append(rc.run_id))
+    assert trained == []
 
 
 # A sweep launched in a subprocess that SIGKILLs itself right after the 2nd run's checkpoint-4 is saved (a
@@ -150,6 +163,9 @@ def test_sweep_survives_sigkill_mid_run(tmp_path, assets, one_thread):
     killed = runs / "disel-r2-s0"
     assert json.loads((killed / "run.json").read_text())["status"] == "running"
     assert (killed / "checkpoint-4" / "trainer_state.json").is_file() and not (killed / "final").exists()
+    # killed after the Trainer wrote checkpoint-4 but before it was marked complete: not resumable
+    assert not (killed / "checkpoint-4" / "disel_state.json").exists()
+    assert (killed / "checkpoint-2" / "disel_state.json").is_file()
     lora_final = (runs / "lora-r2-s0" / "final" / "adapter_model.safetensors").stat().st_mtime_ns
 
     second = subprocess.run(
@@ -160,7 +176,8 @@ def test_sweep_survives_sigkill_mid_run(tmp_path, assets, one_thread):
         timeout=300,
     )
     assert second.returncode == 0, second.stderr[-2000:]
-    assert "resuming run disel-r2-s0 from checkpoint-4" in second.stderr
+    assert "skipping checkpoint-4: disel_state.json is missing" in second.stderr
+    assert "resuming run disel-r2-s0 from checkpoint-2" in second.stderr
     assert "2 runs, 1 trained now, 1 already finished" in second.stdout
     after = ResultsStore(runs).records(kind="run")
     assert sorted(r["run_id"] for r in after) == ["disel-r2-s0", "lora-r2-s0"]  # each exactly once
@@ -168,7 +185,7 @@ def test_sweep_survives_sigkill_mid_run(tmp_path, assets, one_thread):
     assert (runs / "lora-r2-s0" / "final" / "adapter_model.safetensors").stat().st_mtime_ns == lora_final
     resumed = next(r for r in after if r["run_id"] == "disel-r2-s0")
     assert (
-        resumed["resumed_from"] == "checkpoint-4" and resumed["global_step"] == 6
+        resumed["resumed_from"] == "checkpoint-2" and resumed["global_step"] == 6
     )  # ... the killed one resumed
     state = json.loads((killed / "checkpoint-6" / "trainer_state.json").read_text())
     assert state["global_step"] == 6
@@ -180,3 +197,6 @@ def test_sweep_survives_sigkill_mid_run(tmp_path, assets, one_thread):
     clean = train(clean_cfg, progress=False, store=ResultsStore(tmp_path / "clean"))
     clean_info = json.loads((clean.run_dir / "run.json").read_text())
     assert clean_info["trainable_sha256"] == info["trainable_sha256"]
+    # ... and with the same train loss: the loss of the steps before the kill is carried in the checkpoint
+    assert clean_info["train_loss"] == pytest.approx(info["train_loss"], rel=1e-9)
+    assert clean_info["global_step"] == info["global_step"] == 6

@@ -238,9 +238,22 @@ def test_train_cli_disel_writes_run_dir_and_store(tmp_path, assets):
     recs = ResultsStore(tmp_path / "runs").records(kind="run")
     assert len(recs) == 1 and recs[0]["run_id"] == "disel-r2-s0" and recs[0]["status"] == "finished"
     assert recs[0]["train_loss"] > 0
-    # Training again finds the finished run and does not redo it.
-    assert main(["train", str(p), "--no-progress"]) == 0
+    # Training the same run again finds it finished and does not redo it.
+    assert main(["train", str(p), "--no-progress", "--set", "training.gate_lr=5e-3"]) == 0
     assert len(ResultsStore(tmp_path / "runs").records(kind="run")) == 1
+    # Other settings under the same name are another run: trained beside it, never "already finished".
+    assert main(["train", str(p), "--no-progress"]) == 0
+    recs = ResultsStore(tmp_path / "runs").records(kind="run")
+    assert (
+        len(recs) == 2
+        and len({r["run_key"] for r in recs}) == 2
+        and len({r["fingerprint"] for r in recs}) == 2
+    )
+    other = [d for d in (tmp_path / "runs").iterdir() if d.name.startswith("disel-r2-s0-")]
+    other_cfg = json.loads((other[0] / "run.json").read_text())["config"]
+    assert (
+        len(other) == 1 and other_cfg["training"]["gate_lr"] is None and info["config"]["training"]["gate_lr"]
+    )
     # A bad override is one line and exit code 2.
     assert main(["train", str(p), "--set", "training.lr=-1"]) == 2
 

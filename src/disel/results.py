@@ -3,8 +3,12 @@
 Why SQLite: each insert is a transaction, so a run killed mid-write leaves either the whole record or none
 (no half-written JSON line), several processes (sweep workers, torchrun ranks, `disel eval`) can write to
 the same file safely, and it is in the standard library. Records are plain JSON payloads keyed by
-``kind`` (e.g. "run", "eval", "base_eval", "gates"), a ``run_id`` and an optional checkpoint ``step``;
+``kind`` (e.g. "run", "eval", "base_eval", "gates"), a run key and an optional checkpoint ``step``;
 :func:`ResultsStore.to_jsonl` exports them for other tools.
+
+A run's key is ``NAME#HASH`` (:func:`disel.training.config.run_key`: the hash covers what determines the
+run's result and its run dir), so two runs of the same name (another sweep, other hyper-parameters, another
+output dir) never share or overwrite each other's records; queries by ``run_id`` accept the name or the key.
 """
 
 from __future__ import annotations
@@ -87,9 +91,9 @@ class ResultsStore:
         if kind is not None:
             q += " AND kind = ?"
             args.append(kind)
-        if run_id is not None:
-            q += " AND run_id = ?"
-            args.append(run_id)
+        if run_id is not None:  # a run key, or a run name: every key of that name
+            q += " AND (run_id = ? OR substr(run_id, 1, ?) = ?)"
+            args += [run_id, len(run_id) + 1, run_id + "#"]
         if step != "any":
             q += " AND step IS ?"
             args.append(step)
@@ -99,15 +103,18 @@ class ResultsStore:
         out = []
         for rid, k, r, s, created, payload in rows:
             rec = json.loads(payload)
-            rec.update({"id": rid, "kind": k, "run_id": r, "step": s, "created": created})
+            rec.setdefault("run_id", r.partition("#")[0] if "#" in r else r)
+            rec.update({"id": rid, "kind": k, "run_key": r, "step": s, "created": created})
             out.append(rec)
         return out
 
     def latest(self, kind: str, run_id: str, step: int | None | str = "any") -> dict[str, Any] | None:
+        """The newest record of ``kind`` for that run key (or name) and step."""
         recs = self.records(kind=kind, run_id=run_id, step=step)
         return recs[-1] if recs else None
 
     def has(self, kind: str, run_id: str) -> bool:
+        """Whether a record of ``kind`` exists for that run key exactly."""
         with self._connect() as con:
             row = con.execute(
                 "SELECT 1 FROM records WHERE kind = ? AND run_id = ? LIMIT 1", (kind, run_id)

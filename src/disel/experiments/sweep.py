@@ -6,15 +6,17 @@ works; ``method``, ``rank`` and ``seed`` are short for ``method.name``, ``method
 Each run gets a deterministic id from its grid values and lives in ``output.dir/<run_id>``.
 
 Crash safety: a finished run is recorded once in the results store (SQLite: each record is one
-transaction, so a kill leaves all of it or none) and in its ``run.json``; a rerun of the same sweep skips
-finished runs and resumes an unfinished one from its newest complete Trainer checkpoint.
+transaction, so a kill leaves all of it or none), keyed by its run key (name + hash of its fingerprint and
+run dir), and in its ``run.json``; a rerun of the same sweep skips finished runs, resumes an unfinished one
+from its newest complete checkpoint and finishes the missing evaluation units. Another sweep with other
+settings on the same dir or store trains its own runs (beside them, see ``claim_run_dir``); two sweeps at
+once share the work through the run dirs' locks.
 """
 
 from __future__ import annotations
 
 import itertools
 import re
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -89,25 +91,22 @@ def expand_grid(cfg: Config) -> list[Config]:
 def _evaluate(
     run_cfg: Config, store: Any, summary: SweepSummary, evaluate: Callable[..., Any] | None
 ) -> None:
+    """Evaluate a run's missing units (every one of them on the first call; none when all are done)."""
     if not run_cfg.eval:
         return
-    if store.has("eval", run_cfg.run_id):
-        return
     if evaluate is None:
-        try:
-            from ..evaluation import evaluate_run as evaluate  # type: ignore[attr-defined]
-        except ImportError:
-            evaluate = None
-        if evaluate is None:
-            if summary.eval_skipped_reason is None:
-                summary.eval_skipped_reason = (
-                    "disel.evaluation.evaluate_run is not available in this install: evaluation skipped "
-                    "(run `disel eval RUN_DIR` later)."
-                )
-                print(f"[disel] {summary.eval_skipped_reason}", file=sys.stderr, flush=True)
-            return
+        from ..evaluation import evaluate_run as evaluate
     evaluate(run_cfg.run_dir, run_cfg.eval, store)
     summary.evaluated.append(run_cfg.run_id)
+
+
+def sweep_id(cfg: Config) -> str:
+    """Which sweep records came from: the output dir and a hash of the base config and its grid."""
+    import hashlib
+    import json
+
+    digest = hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:8]
+    return f"{Path(cfg.output.dir).resolve()}#{digest}"
 
 
 def run_sweep(
@@ -117,59 +116,64 @@ def run_sweep(
     evaluate: Callable[..., Any] | None = None,
     run_eval: bool = True,
     train_fn: Callable[..., Any] | None = None,
+    wait_seconds: float = 2.0,
 ) -> SweepSummary:
-    """Train (and evaluate) every grid point not yet finished; see the module docstring."""
+    """Train (and evaluate) every grid point not yet finished; see the module docstring.
+
+    The whole grid is validated before anything trains. A run whose dir another process holds (a second
+    sweep on the same dir) is left to it and come back to at the end, when that process has let go: each run
+    is trained once, whatever the number of sweeps."""
+    import time
+
     from tqdm.auto import tqdm
 
     from ..results import ResultsStore
-    from ..training.runner import read_run_file
+    from ..rundir import lock_owner
+    from ..training.config import run_key
+    from ..training.runner import claim_run_dir, read_run_file
 
     if train_fn is None:
         from ..training.runner import train as train_fn
 
-    runs = expand_grid(cfg)
+    runs = [claim_run_dir(rc) for rc in expand_grid(cfg)]  # every grid point valid before any training
     store = ResultsStore(cfg.results_path)
     summary = SweepSummary(total=len(runs))
+    sid = sweep_id(cfg)
 
     def finished(rc: Config) -> bool:
-        rec = store.latest("run", rc.run_id, step=None)
-        if rec is not None and rec.get("status") == "finished":
-            return True
         info = read_run_file(rc.run_dir)
-        if info is not None and info.get("status") == "finished":
-            # Killed between run.json and the store write: record the run now, without retraining it.
-            store.put("run", rc.run_id, _record_from_run_file(rc, info))
-            return True
-        return False
+        return (
+            info is not None
+            and info.get("status") == "finished"
+            and info.get("fingerprint") == rc.fingerprint()
+        )
 
-    done = {rc.run_id for rc in runs if finished(rc)}
-    bar = tqdm(total=len(runs), initial=len(done), desc="sweep runs", unit="run", disable=not progress)
+    def step(rc: Config) -> bool:
+        """Train/evaluate ``rc`` unless another process holds it; True when done with it."""
+        if lock_owner(rc.run_dir) is not None:
+            return False
+        if finished(rc) and store.latest("run", run_key(rc)) is not None:
+            summary.skipped.append(rc.run_id)
+        else:
+            bar.set_postfix_str(rc.run_id)
+            try:
+                train_fn(rc, store=store, progress=progress, sweep=sid)
+            except UserError as e:
+                if "is in use by" in str(e):  # taken by another sweep between the check and the lock
+                    return False
+                raise
+            summary.trained.append(rc.run_id)
+        bar.update(1)
+        if run_eval:
+            _evaluate(rc, store, summary, evaluate)
+        return True
+
+    bar = tqdm(total=len(runs), desc="sweep runs", unit="run", disable=not progress)
     try:
-        for rc in runs:
-            if rc.run_id in done:
-                summary.skipped.append(rc.run_id)
-            else:
-                bar.set_postfix_str(rc.run_id)
-                train_fn(rc, store=store, progress=progress)
-                summary.trained.append(rc.run_id)
-                bar.update(1)
-            if run_eval:
-                _evaluate(rc, store, summary, evaluate)
+        pending = [rc for rc in runs if not step(rc)]
+        while pending:  # held by another process: wait for it to let go, then finish (or skip) them
+            time.sleep(wait_seconds)
+            pending = [rc for rc in pending if not step(rc)]
     finally:
         bar.close()
     return summary
-
-
-def _record_from_run_file(rc: Config, info: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "method": rc.method.name,
-        "rank": rc.method.rank,
-        "seed": rc.training.seed,
-        "run_dir": str(Path(rc.run_dir).resolve()),
-        "status": "finished",
-        "train_loss": info.get("train_loss"),
-        "wall_seconds": info.get("wall_seconds"),
-        "config": rc.to_dict(),
-        "global_step": info.get("global_step"),
-        "resumed_from": info.get("resumed_from"),
-    }

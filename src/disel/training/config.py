@@ -154,6 +154,10 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def fingerprint(self) -> str:
+        """sha256 of what determines the run's result (see :func:`fingerprint`)."""
+        return fingerprint(self)
+
 
 # Short keys accepted on the command line and in sweep grids.
 ALIASES = {
@@ -340,6 +344,11 @@ def validate(cfg: Config) -> None:
         raise UserError(f"training.gate_lr={t.gate_lr} is invalid: use a positive value or null.")
     if t.rank_scaled_lr_reference < 1:
         raise UserError(f"training.rank_scaled_lr_reference={t.rank_scaled_lr_reference} must be >= 1.")
+    if t.max_steps == 0 or t.max_steps < -1:
+        raise UserError(
+            f"training.max_steps={t.max_steps} is invalid: use a positive number of steps, or -1 to train "
+            "for training.epochs."
+        )
     if t.epochs <= 0 and t.max_steps <= 0:
         raise UserError("training.epochs and training.max_steps are both <= 0: set one of them.")
     if not 0.0 <= t.warmup_ratio < 1.0:
@@ -385,6 +394,87 @@ def effective_lr(cfg: Config) -> float:
     if t.rank_scaled_lr and get_method(cfg.method.name).rank_scaled_lr:
         return t.lr * (t.rank_scaled_lr_reference / cfg.method.rank) ** t.rank_scaled_lr_power
     return t.lr
+
+
+# Training fields that change how a run is watched, not what it computes: left out of the fingerprint.
+_NOT_RESULT_FIELDS = {"logging_steps", "report_to", "dataloader_num_workers", "save_total_limit"}
+
+
+def fingerprint(cfg: Config) -> str:
+    """sha256 of what determines a run's result: the resolved model (and a local model's config and weight
+    files), the method and its options, the data config and the content of its local files (and of a local
+    calibration file), the training settings and the seed. Output paths, logging and evaluation are left
+    out: the same training in another run dir has the same fingerprint (the run key adds the dir)."""
+    import hashlib
+    import json
+
+    training = {k: v for k, v in asdict(cfg.training).items() if k not in _NOT_RESULT_FIELDS}
+    ident = {
+        "model": asdict(cfg.model),
+        "model_files": _model_files(cfg.model.name),
+        "tokenizer_files": _model_files(cfg.model.tokenizer) if cfg.model.tokenizer else None,
+        "task": cfg.task,
+        "method": asdict(cfg.method),
+        "calibration_file": _content_hash(cfg.method.calibration),
+        "data": asdict(cfg.data),
+        "data_files": [_content_hash(cfg.data.train), _content_hash(cfg.data.validation)],
+        "training": training,
+    }
+    text = json.dumps(ident, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def run_key(cfg: Config, run_dir: Path | None = None) -> str:
+    """The results store's key of a run: its name, and a hash of its fingerprint and absolute run dir."""
+    import hashlib
+
+    where = str(Path(run_dir or cfg.run_dir).resolve())
+    digest = hashlib.sha256(f"{fingerprint(cfg)}|{where}".encode()).hexdigest()[:12]
+    return f"{cfg.run_id}#{digest}"
+
+
+def _content_hash(source: str | None) -> str | None:
+    """sha256 of a local file's bytes (cached by path, size and mtime); None for non-files (hub names)."""
+    if not source:
+        return None
+    p = Path(source).expanduser()
+    if not p.is_file():
+        return None
+    st = p.stat()
+    return _file_sha256(str(p.resolve()), st.st_size, st.st_mtime_ns)
+
+
+def _model_files(name: str | None) -> dict[str, Any] | None:
+    """A local model dir's config files by content and its weight files by size (hashing GBs is not needed
+    to tell two models apart); None for hub ids."""
+    if not name:
+        return None
+    d = Path(name).expanduser()
+    if not d.is_dir():
+        return None
+    out: dict[str, Any] = {}
+    for f in sorted(d.iterdir()):
+        if f.suffix == ".json" and f.is_file():
+            out[f.name] = _content_hash(str(f))
+        elif f.suffix in (".safetensors", ".bin", ".model") and f.is_file():
+            out[f.name] = f.stat().st_size
+    return out
+
+
+_HASHES: dict[tuple[str, int, int], str] = {}
+
+
+def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
+    import hashlib
+
+    key = (path, size, mtime_ns)
+    if key not in _HASHES:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        _HASHES[key] = h.hexdigest()
+    return _HASHES[key]
 
 
 def dump_yaml(cfg: Config) -> str:

@@ -1,18 +1,19 @@
 """`disel train`: one fine-tuning run from a :class:`~disel.training.config.Config`.
 
 The run goes through the method registry (``disel.methods.build_model``) and ``transformers.Trainer`` with
-DISeL's optimizer groups (:func:`disel.training.with_disel_optimizer`). Run directory layout (shared with
-``disel eval``, ``disel gates`` and sweeps)::
+DISeL's optimizer groups (:mod:`disel.training.trainer`); the run directory is described in
+:mod:`disel.rundir`.
 
-    RUN_DIR/run.json            {"run_id", "method", "rank", "seed", "model", "task", "status", "config", ...}
-    RUN_DIR/checkpoint-<step>/  Trainer checkpoints (PEFT adapter, or a full model for "full")
-    RUN_DIR/final/              final adapter or full model + tokenizer files
-
-A run that was interrupted resumes from its newest complete checkpoint when started again.
+Integrity: a run is identified by its fingerprint (what determines its result) and its run dir; one process
+works in a run dir at a time (its lock); a run that was interrupted resumes from its newest complete,
+readable checkpoint (each one fsync'd and marked complete last), never trains past ``max_steps``, and ends
+with the same final adapter and train loss as an uninterrupted run.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import math
 import os
 import shutil
@@ -30,18 +31,29 @@ from ..data.sources import read_texts
 from ..errors import UserError
 from ..methods.registry import get_method
 from ..rundir import (
+    CHECKPOINT_STATE,
     EXPORT_DIR,
     FINAL_DIR,
+    LOCK_FILE,
     RUN_FILE,
+    RunBusy,
     checkpoints,
     read_run_file,
     remove_incomplete_checkpoints,
+    remove_stale_temp_files,
+    run_lock,
 )
-from ..utils.io import atomic_write_json
-from .config import Config, effective_lr
+from ..utils.io import atomic_write_json, fsync_tree
+from .config import Config, effective_lr, run_key
 from .data import PadCollator, PreparedData, ensure_pad_token, prepare_data
 from .distributed import barrier, is_main_process, trainable_hash, world_size
-from .trainer import gate_learning_rate, make_trainer_class, method_callbacks
+from .trainer import (
+    LossTally,
+    checkpoint_state_callback,
+    gate_learning_rate,
+    make_trainer_class,
+    method_callbacks,
+)
 
 
 def log(msg: str) -> None:
@@ -290,6 +302,8 @@ def training_arguments(cfg: Config, run_dir: Path, accum: int, progress: bool) -
 def run_record(cfg: Config, run_dir: Path, status: str, **extra: Any) -> dict[str, Any]:
     return {
         "run_id": cfg.run_id,
+        "run_key": run_key(cfg, run_dir),
+        "fingerprint": cfg.fingerprint(),
         "method": cfg.method.name,
         "rank": cfg.method.rank,
         "seed": cfg.training.seed,
@@ -301,6 +315,44 @@ def run_record(cfg: Config, run_dir: Path, status: str, **extra: Any) -> dict[st
     }
 
 
+def store_record(cfg: Config, info: dict[str, Any], sweep: str | None = None) -> dict[str, Any]:
+    """The ``kind="run"`` record of a finished run, from its run.json."""
+    keys = ("train_loss", "wall_seconds", "global_step", "resumed_from", "trainable_sha256", "fingerprint")
+    return {
+        "run_id": cfg.run_id,
+        "method": cfg.method.name,
+        "rank": cfg.method.rank,
+        "seed": cfg.training.seed,
+        "run_dir": str(cfg.run_dir.resolve()),
+        "sweep": sweep,
+        "status": "finished",
+        "config": cfg.to_dict(),
+        **{k: info.get(k) for k in keys},
+    }
+
+
+def claim_run_dir(cfg: Config) -> Config:
+    """The config whose run dir holds this run: its own dir when that is new or holds the same run (same
+    fingerprint), else ``NAME-<fingerprint[:8]>`` beside it, so a run of other settings never counts as
+    "already finished" nor overwrites it. An explicit ``output.run_dir`` that holds another run is an error."""
+    if cfg.output.overwrite:
+        return cfg
+    fp = cfg.fingerprint()
+    info = read_run_file(cfg.run_dir)
+    if info is None or info.get("fingerprint") == fp:
+        return cfg
+    if cfg.output.run_dir:
+        raise UserError(
+            f"output.run_dir={cfg.output.run_dir!r} holds a run with other settings (fingerprint "
+            f"{str(info.get('fingerprint'))[:8]}, this one {fp[:8]}): choose another output.run_dir, or set "
+            "output.overwrite=true to replace it."
+        )
+    other = copy.deepcopy(cfg)
+    other.output.run_id = f"{cfg.run_id}-{fp[:8]}"
+    log(f"{cfg.run_dir} holds a run with other settings: this one runs in {other.run_dir}.")
+    return other
+
+
 def train(
     cfg: Config,
     *,
@@ -308,12 +360,50 @@ def train(
     store: Any | None = None,
     progress: bool = True,
     trainer_base: type | None = None,
+    sweep: str | None = None,
 ) -> TrainResult:
-    """Train one run; resume it if it was interrupted; skip it if ``run.json`` says it finished.
+    """Train one run; resume it if it was interrupted; skip it if it finished.
 
-    ``store`` (a :class:`disel.results.ResultsStore`, default the config's ``output.results``) gets one
-    ``kind="run"`` record when the run finishes (replacing any earlier one for the same run id).
+    One process per run dir: the main process holds the run dir's lock (``rundir.run_lock``) for the whole
+    run; a second one gets a :class:`UserError`. ``store`` (a :class:`disel.results.ResultsStore`, default
+    ``output.results``) gets one ``kind="run"`` record, keyed by the run key, when the run finishes.
     """
+    cfg = claim_run_dir(cfg)
+    with contextlib.ExitStack() as stack:
+        if is_main_process():
+            try:
+                stack.enter_context(run_lock(cfg.run_dir, log=log))
+            except RunBusy as e:
+                raise UserError(
+                    f"run {cfg.run_id}: {cfg.run_dir} is in use by {e.owner}: wait for it to finish "
+                    "(or stop it), then start again."
+                ) from None
+            info = read_run_file(cfg.run_dir)
+            if (
+                info is not None
+                and info.get("fingerprint") not in (None, cfg.fingerprint())
+                and not (cfg.output.overwrite)
+            ):
+                stack.close()  # another process claimed the dir meanwhile: go beside it
+                return train(
+                    cfg,
+                    callbacks=callbacks,
+                    store=store,
+                    progress=progress,
+                    trainer_base=trainer_base,
+                    sweep=sweep,
+                )
+        return _train_locked(cfg, callbacks, store, progress, trainer_base, sweep)
+
+
+def _train_locked(
+    cfg: Config,
+    callbacks: list[Any] | None,
+    store: Any | None,
+    progress: bool,
+    trainer_base: type | None,
+    sweep: str | None,
+) -> TrainResult:
     from transformers import set_seed
 
     run_dir = cfg.run_dir
@@ -322,23 +412,39 @@ def train(
     info = read_run_file(run_dir)
     if cfg.output.overwrite:
         if main and run_dir.exists():
-            shutil.rmtree(run_dir)
+            for p in run_dir.iterdir():
+                if p.name != LOCK_FILE:
+                    shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
         barrier()
         info = None
     elif info is not None and info.get("status") == "finished":
+        if main:
+            _record(cfg, info, store, sweep)  # killed between run.json and the store: record it now
         log(
             f"run {cfg.run_id} already finished in {run_dir}: skipping (set output.overwrite=true to redo it)."
         )
         return TrainResult(cfg.run_id, run_dir, "skipped", global_step=int(info.get("global_step") or 0))
 
-    complete = checkpoints(run_dir)
-    resume = str(complete[-1][1]) if complete else None
     if main:
-        removed = remove_incomplete_checkpoints(run_dir)
-        for p in removed:
+        for p in remove_stale_temp_files(run_dir):
+            log(f"removed {p.name}, left by a killed write.")
+    complete = checkpoints(run_dir, log=log if main else None)
+    resume = str(complete[-1][1]) if complete else None
+    resume_step = complete[-1][0] if complete else 0
+    if main:
+        for p in remove_incomplete_checkpoints(run_dir):
             log(f"removed the incomplete checkpoint {p.name} (cut short by a crash).")
     if resume:
         log(f"resuming run {cfg.run_id} from {Path(resume).name}.")
+    started = info.get("started") if info else None
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(
+            run_dir / RUN_FILE,
+            run_record(
+                cfg, run_dir, "running", started=started or time.time(), world_size=world, sweep=sweep
+            ),
+        )
 
     set_seed(cfg.training.seed)
     tokenizer = load_tokenizer(cfg)
@@ -351,7 +457,8 @@ def train(
     set_seed(cfg.training.seed)  # the adapter's initialisation depends on the seed only
     model = adapt_model(cfg, base, total, tokenizer, data.train, resume=resume)
     spec = get_method(cfg.method.name)
-    cbs = [*(callbacks or []), *method_callbacks(spec, model)]
+    tally = LossTally(_checkpoint_loss_sum(resume) if resume else 0.0)
+    cbs = [*(callbacks or []), *method_callbacks(spec, model), checkpoint_state_callback(tally)]
     args = training_arguments(cfg, run_dir, accum, progress)
     trainer_cls = make_trainer_class(trainer_base)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -367,23 +474,17 @@ def train(
         callbacks=cbs,
         gate_lr=gates_lr,
     )
-    started = info.get("started") if info else None
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(
-            run_dir / RUN_FILE,
-            run_record(
-                cfg,
-                run_dir,
-                "running",
-                started=started or time.time(),
-                num_labels=data.num_labels,
-                label_names=data.label_names,
-                world_size=world,
-            ),
-        )
+    trainer.loss_tally = tally
     t0 = time.time()
-    out = trainer.train(resume_from_checkpoint=resume)
+    if resume and resume_step >= total:
+        # killed after the last checkpoint: nothing is left to train (resuming the Trainer would take a step
+        # past max_steps); the final adapter is that checkpoint's
+        trainer._load_from_checkpoint(resume)
+        global_step = resume_step
+    else:
+        trainer.train(resume_from_checkpoint=resume)
+        global_step = trainer.state.global_step
+    train_loss = tally.mean(global_step)
     wall = time.time() - t0
     final_tmp = run_dir / f".{FINAL_DIR}.tmp"
     if main and final_tmp.exists():
@@ -395,6 +496,7 @@ def train(
         spec.export(trainer.model, final_tmp / EXPORT_DIR)
     if main:
         tokenizer.save_pretrained(str(final_tmp))
+        fsync_tree(final_tmp)
         final = run_dir / FINAL_DIR
         if final.exists():
             shutil.rmtree(final)
@@ -404,44 +506,41 @@ def train(
             num_labels=data.num_labels,
             label_names=data.label_names,
             world_size=world,
-            global_step=trainer.state.global_step,
-            train_loss=float(out.training_loss),
+            global_step=global_step,
+            train_loss=train_loss,
             wall_seconds=wall,
             resumed_from=Path(resume).name if resume else None,
             lr=effective_lr(cfg),
             gate_lr=gates_lr,
             trainable_sha256=digest,
+            sweep=sweep,
         )
-        atomic_write_json(run_dir / RUN_FILE, run_record(cfg, run_dir, "finished", **extra))
-        if store is None:
-            from ..results import ResultsStore
-
-            store = ResultsStore(cfg.results_path)
-        store.put(
-            "run",
-            cfg.run_id,
-            {
-                "method": cfg.method.name,
-                "rank": cfg.method.rank,
-                "seed": cfg.training.seed,
-                "run_dir": str(run_dir.resolve()),
-                "status": "finished",
-                "train_loss": float(out.training_loss),
-                "wall_seconds": wall,
-                "config": cfg.to_dict(),
-                "global_step": trainer.state.global_step,
-                "resumed_from": extra["resumed_from"],
-            },
-        )
-        log(f"run {cfg.run_id} finished: {trainer.state.global_step} steps, loss {out.training_loss:.4f}.")
+        finished = run_record(cfg, run_dir, "finished", **extra)
+        atomic_write_json(run_dir / RUN_FILE, finished)
+        _record(cfg, finished, store, sweep)
+        log(f"run {cfg.run_id} finished: {global_step} steps, loss {train_loss:.4f}.")
     barrier()
     return TrainResult(
         cfg.run_id,
         run_dir,
         "finished",
-        float(out.training_loss),
+        train_loss,
         wall,
-        trainer.state.global_step,
+        global_step,
         Path(resume).name if resume else None,
         trainer.model,
     )
+
+
+def _record(cfg: Config, info: dict[str, Any], store: Any | None, sweep: str | None) -> None:
+    if store is None:
+        from ..results import ResultsStore
+
+        store = ResultsStore(cfg.results_path)
+    store.put("run", run_key(cfg), store_record(cfg, info, sweep or info.get("sweep")))
+
+
+def _checkpoint_loss_sum(checkpoint: str) -> float:
+    from ..utils.io import read_json
+
+    return float(read_json(Path(checkpoint) / CHECKPOINT_STATE).get("loss_sum") or 0.0)

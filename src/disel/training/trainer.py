@@ -27,6 +27,15 @@ def make_trainer_class(base: type | None = None) -> type:
         base = Trainer
 
     class RunTrainer(with_disel_optimizer(base)):  # type: ignore[misc]
+        # the sum of every optimizer step's loss since step 0 (resumed runs start from the checkpoint's sum)
+        loss_tally: LossTally | None = None
+
+        def training_step(self, *args, **kwargs):  # type: ignore[override]
+            loss = super().training_step(*args, **kwargs)
+            if self.loss_tally is not None:
+                self.loss_tally.add(float(loss.detach()))
+            return loss
+
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # type: ignore[override]
             result = super().compute_loss(
                 model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
@@ -45,6 +54,43 @@ def make_trainer_class(base: type | None = None) -> type:
             return (loss, outputs) if return_outputs else loss
 
     return RunTrainer
+
+
+class LossTally:
+    """The running sum of the training loss over the whole run, across resumes (what a resumed Trainer's own
+    ``training_loss`` cannot give: it averages over the resumed steps only)."""
+
+    def __init__(self, prior: float = 0.0):
+        self.total = float(prior)
+
+    def add(self, value: float) -> None:
+        self.total += value
+
+    def mean(self, steps: int) -> float:
+        return self.total / max(1, steps)
+
+
+def checkpoint_state_callback(tally: LossTally) -> Any:
+    """Makes every checkpoint durable and marks it complete: fsync its files, then write
+    ``rundir.CHECKPOINT_STATE`` (step and loss sum) last, atomically. A kill at any point of a checkpoint
+    write leaves a checkpoint without the marker, which resume skips for the previous complete one."""
+    from transformers import TrainerCallback
+
+    from ..rundir import CHECKPOINT_STATE
+    from ..utils.io import atomic_write_json, fsync_tree
+
+    class CheckpointState(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):  # type: ignore[override]
+            if state.is_world_process_zero:
+                ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+                if ckpt.is_dir():
+                    fsync_tree(ckpt)
+                    atomic_write_json(
+                        ckpt / CHECKPOINT_STATE, {"global_step": state.global_step, "loss_sum": tally.total}
+                    )
+            return control
+
+    return CheckpointState()
 
 
 def method_callbacks(spec: MethodSpec, model: nn.Module) -> list[Any]:
