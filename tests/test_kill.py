@@ -104,7 +104,7 @@ def _state(out: Path) -> tuple[list[tuple], dict[str, str]]:
                 r["kind"],
                 r["run_id"],
                 -1 if r["step"] is None else r["step"],
-                json.dumps(payload, sort_keys=True, default=str),
+                json.dumps(payload, sort_keys=True, default=str).replace(str(out), "<OUT>"),
             )
         )
     finals = {}
