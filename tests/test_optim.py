@@ -89,7 +89,7 @@ def test_disel_trainer_uses_gate_groups_and_trains(tmp_path):
     before = [p.detach().clone() for p in disel.gate_parameters(model)]
     trainer = disel.DiselTrainer(model=model, args=args, train_dataset=_lm_dataset())
     trainer.train()
-    groups = {g["name"]: g for g in trainer.optimizer.param_groups}
+    groups = {g.get("name", "base"): g for g in trainer.optimizer.param_groups}
     assert groups["gates"]["weight_decay"] == 0.0
     assert groups["gates"]["initial_lr"] == pytest.approx(5e-3)
     after = disel.gate_parameters(model)
@@ -125,5 +125,5 @@ def test_trl_sft_trainer_with_disel_optimizer(tmp_path):
         model=model, args=args, train_dataset=ds, processing_class=tiny_tokenizer(), gate_lr=2e-2
     )
     trainer.train()
-    groups = {g["name"]: g for g in trainer.optimizer.param_groups}
+    groups = {g.get("name", "base"): g for g in trainer.optimizer.param_groups}
     assert groups["gates"]["initial_lr"] == pytest.approx(2e-2)

@@ -31,6 +31,11 @@ _LAZY: dict[str, str] = {
     "merge_static": "disel.analysis.compact",
 }
 
+_SUBPACKAGES = frozenset(
+    {"analysis", "assets", "data", "evaluation", "experiments", "loading", "methods", "report", "results"}
+    | {"rundir", "training", "utils", "errors", "testing", "testing_tokenizers"}
+)
+
 __all__ = sorted([*_LAZY, "__version__"])
 
 _peft_registration.install()
@@ -39,6 +44,8 @@ _peft_registration.install()
 def __getattr__(name: str) -> Any:
     module = _LAZY.get(name)
     if module is None:
+        if name in _SUBPACKAGES:  # ``disel.training.with_disel_optimizer`` without importing disel.training
+            return importlib.import_module(f"disel.{name}")
         raise AttributeError(f"module 'disel' has no attribute {name!r}")
     value = getattr(importlib.import_module(module), name)
     globals()[name] = value

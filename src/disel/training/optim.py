@@ -12,25 +12,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..methods.gated_lora.config import DiselConfig
+from ..methods.gated_lora.gate_recipe import gate_lr_multiplier
 from ..methods.gated_lora.layer import DiselGate
 
 _NORM_TYPES: tuple[type[nn.Module], ...] = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.RMSNorm)
-
-
-def gate_lr_multiplier(model: nn.Module) -> float:
-    """The active adapter config's ``gate_lr_multiplier`` (DiselConfig's default when it has none)."""
-    configs = getattr(model, "peft_config", None)
-    if isinstance(configs, dict):
-        active = getattr(model, "active_adapter", None)
-        if isinstance(active, list):
-            active = active[0] if active else None
-        cfg = configs.get(active) if active is not None else None
-        cfg = cfg if cfg is not None else next(iter(configs.values()), None)
-        mult = getattr(cfg, "gate_lr_multiplier", None)
-        if mult is not None:
-            return float(mult)
-    return float(DiselConfig.__dataclass_fields__["gate_lr_multiplier"].default)
 
 
 def _is_norm(module: nn.Module) -> bool:
@@ -101,29 +86,21 @@ def build_optimizer(
 
 
 def with_disel_optimizer(trainer_cls: type) -> type:
-    """Subclass a ``transformers.Trainer`` (or TRL's ``SFTTrainer``) so it builds DISeL's optimizer groups.
+    """Subclass a ``transformers.Trainer`` (or TRL's ``SFTTrainer``) that takes ``gate_lr=``.
 
-    The learning rate, weight decay, betas and epsilon come from the ``TrainingArguments``; pass
-    ``gate_lr=`` to the trainer to override the gate learning rate.
+    Every Trainer that trains a DISeL model already gives the gates their own group (lr x the adapter's
+    ``gate_lr_multiplier``, no decay; see :mod:`disel.methods.gated_lora.gate_recipe`), on top of the optimizer
+    the Trainer builds from ``args.optim`` / ``optim_args`` for the model it is given; this subclass only adds
+    the ``gate_lr=`` override.
     """
+    from ..methods.gated_lora.gate_recipe import install_trainer_hook
+
+    install_trainer_hook()
 
     class _DiselTrainer(trainer_cls):  # type: ignore[misc, valid-type]
         def __init__(self, *args: Any, gate_lr: float | None = None, **kwargs: Any) -> None:
             self.gate_lr = gate_lr
             super().__init__(*args, **kwargs)
-
-        def create_optimizer(self, *args: Any, **kwargs: Any) -> torch.optim.Optimizer:
-            if self.optimizer is None:
-                a = self.args
-                self.optimizer = build_optimizer(
-                    self.model,
-                    lr=a.learning_rate,
-                    gate_lr=self.gate_lr,
-                    weight_decay=a.weight_decay,
-                    betas=(a.adam_beta1, a.adam_beta2),
-                    eps=a.adam_epsilon,
-                )
-            return self.optimizer
 
     _DiselTrainer.__name__ = f"Disel{trainer_cls.__name__}"
     _DiselTrainer.__qualname__ = _DiselTrainer.__name__

@@ -10,6 +10,7 @@ from torch import nn
 
 from .._input_dependent import create_linear_layer
 from .config import DiselConfig
+from .gate_recipe import install_trainer_hook
 from .layer import MERGE_ERROR, DiselGate, DiselLinear
 
 
@@ -20,6 +21,11 @@ class DiselModel(LoraModel):
     """
 
     prefix: str = "lora_"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # any Trainer that trains this model (stock, TRL's) gives the gates their own lr and no decay
+        install_trainer_hook()
+        super().__init__(*args, **kwargs)
 
     @staticmethod
     def _create_new_module(config: Any, adapter_name: str, target: nn.Module, **kwargs: Any):
