@@ -110,7 +110,16 @@ class TrainingConfig:
     ddp_backend: str | None = None
     fsdp: str = ""  # passed to TrainingArguments (prefer an accelerate config file)
     deepspeed: str | None = None  # DeepSpeed JSON config path
-    report_to: str = "none"
+    report_to: str | list[str] = "none"  # a tracker name, a list of them, "all" or "none"
+    optim: str = (
+        "adamw_torch"  # any TrainingArguments optim (sgd, adafactor, adamw_torch_fused, paged_adamw_8bit...)
+    )
+    optim_args: str | None = None
+    torch_compile: bool = False
+    push_to_hub: bool = False  # push the final adapter (or model) to the hub when the run finishes
+    hub_model_id: str | None = None  # default: the run id
+    # Any other ``transformers.TrainingArguments`` field, passed through as is (checked against its fields).
+    args: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -174,6 +183,11 @@ def canonical_key(key: str) -> str:
     key = key.strip()
     if key.startswith("method_options."):
         key = "method." + key[len("method_options.") :]
+    if key in TRAINING_ALIASES:
+        key = f"training.{key}"
+    head, _, tail = key.partition(".")
+    if head == "training" and tail in TRAINING_ALIASES:
+        key = f"training.{TRAINING_ALIASES[tail]}"
     return ALIASES.get(key, key)
 
 
@@ -181,11 +195,90 @@ def canonical_key(key: str) -> str:
 # Building and validating
 
 
+# transformers' names for training fields, accepted everywhere (YAML, --set, sweep grids) beside disel's
+TRAINING_ALIASES = {
+    "learning_rate": "lr",
+    "per_device_train_batch_size": "per_device_batch_size",
+    "num_train_epochs": "epochs",
+    "lr_scheduler_type": "scheduler",
+}
+# TrainingArguments fields disel sets itself from its own config: not for ``training.args``
+_MANAGED_ARGS = {
+    "output_dir",
+    "seed",
+    "data_seed",
+    "remove_unused_columns",
+    "label_names",
+    "disable_tqdm",
+    "save_strategy",
+    "max_steps",
+    "gradient_accumulation_steps",
+    "bf16",
+    "learning_rate",
+    "per_device_train_batch_size",
+    "num_train_epochs",
+    "lr_scheduler_type",
+    "warmup_steps",
+    "weight_decay",
+    "adam_beta1",
+    "adam_beta2",
+    "adam_epsilon",
+    "max_grad_norm",
+    "save_steps",
+    "save_total_limit",
+    "logging_steps",
+    "report_to",
+    "optim",
+    "optim_args",
+    "torch_compile",
+    "push_to_hub",
+    "hub_model_id",
+    "ddp_backend",
+    "fsdp",
+    "deepspeed",
+    "dataloader_num_workers",
+    "gradient_checkpointing",
+    "gradient_checkpointing_kwargs",
+}
+# report_to name -> the package it needs
+TRACKERS = {
+    "wandb": "wandb",
+    "tensorboard": "tensorboard",
+    "mlflow": "mlflow",
+    "comet_ml": "comet_ml",
+    "neptune": "neptune",
+    "clearml": "clearml",
+    "dvclive": "dvclive",
+    "codecarbon": "codecarbon",
+    "aim": "aim",
+    "swanlab": "swanlab",
+    "trackio": "trackio",
+    "azure_ml": "azureml",
+}
+
+
+def _training_aliases(section: Any) -> Any:
+    if not isinstance(section, dict):
+        return section
+    out = dict(section)
+    for alias, name in TRAINING_ALIASES.items():
+        if alias in out:
+            if name in out:
+                raise UserError(
+                    f"training.{alias} and training.{name} are the same setting: keep one of them."
+                )
+            out[name] = out.pop(alias)
+    return out
+
+
 def config_from_dict(data: dict[str, Any]) -> Config:
-    """Build and validate a :class:`Config`; ``method: lora`` is short for ``method: {name: lora}``."""
+    """Build and validate a :class:`Config`; ``method: lora`` is short for ``method: {name: lora}``;
+    transformers' training names (``learning_rate``, ``per_device_train_batch_size``, ...) are accepted."""
     data = copy.deepcopy(data or {})
     if isinstance(data.get("method"), str):
         data["method"] = {"name": data["method"]}
+    if "training" in data:
+        data["training"] = _training_aliases(data["training"])
     cfg = build_dataclass(Config, data, "")
     validate(cfg)
     return cfg
@@ -369,6 +462,7 @@ def validate(cfg: Config) -> None:
         raise UserError(f"training.bf16={t.bf16!r} is invalid: use true, false or auto.")
     if t.save_steps is not None and t.save_steps < 1:
         raise UserError(f"training.save_steps={t.save_steps} is invalid: use a positive integer or null.")
+    _validate_trainer_args(t)
     if t.logging_steps < 1:
         raise UserError(f"training.logging_steps={t.logging_steps} must be >= 1.")
     if cfg.eval is not None and not isinstance(cfg.eval, dict):
@@ -379,6 +473,47 @@ def validate(cfg: Config) -> None:
         for k, v in cfg.grid.items():
             if not isinstance(v, list) or not v:
                 raise UserError(f"grid.{k}={v!r} is invalid: give a non-empty list of values.")
+
+
+def _validate_trainer_args(t: TrainingConfig) -> None:
+    """``training.args`` names TrainingArguments fields disel does not set itself; trackers are installed."""
+    import importlib.util
+
+    if t.args:
+        import dataclasses as _dc
+
+        from transformers import TrainingArguments
+
+        fields_ = {f.name for f in _dc.fields(TrainingArguments)}
+        for key in t.args:
+            if key in _MANAGED_ARGS:
+                own = TRAINING_ALIASES.get(key, key)
+                raise UserError(
+                    f"training.args.{key} is set by disel from its own config: use training.{own} instead."
+                )
+            if key not in fields_:
+                import difflib
+
+                close = difflib.get_close_matches(key, sorted(fields_), n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise UserError(
+                    f"training.args.{key} is not a transformers TrainingArguments field{hint}: fix the name."
+                )
+    names = [t.report_to] if isinstance(t.report_to, str) else list(t.report_to)
+    for name in names:
+        if name in ("none", "all"):
+            continue
+        pkg = TRACKERS.get(name)
+        if pkg is None:
+            raise UserError(
+                f"training.report_to={name!r} is not a tracker transformers knows: use one of "
+                f"{', '.join(sorted(TRACKERS))}, all or none."
+            )
+        if importlib.util.find_spec(pkg) is None:
+            raise UserError(
+                f"training.report_to={name!r} needs the {pkg!r} package, which is not installed: "
+                f"pip install {pkg}, or drop it from training.report_to."
+            )
 
 
 def effective_lr(cfg: Config) -> float:
@@ -397,7 +532,14 @@ def effective_lr(cfg: Config) -> float:
 
 
 # Training fields that change how a run is watched, not what it computes: left out of the fingerprint.
-_NOT_RESULT_FIELDS = {"logging_steps", "report_to", "dataloader_num_workers", "save_total_limit"}
+_NOT_RESULT_FIELDS = {
+    "logging_steps",
+    "report_to",
+    "dataloader_num_workers",
+    "save_total_limit",
+    "push_to_hub",
+    "hub_model_id",
+}
 
 
 def fingerprint(cfg: Config) -> str:

@@ -283,6 +283,9 @@ def training_arguments(cfg: Config, run_dir: Path, accum: int, progress: bool) -
         seed=t.seed,
         data_seed=t.seed,
         report_to=t.report_to,
+        optim=t.optim,
+        optim_args=t.optim_args,
+        torch_compile=t.torch_compile,
         remove_unused_columns=False,
         label_names=["labels"],
         disable_tqdm=not progress,
@@ -292,6 +295,7 @@ def training_arguments(cfg: Config, run_dir: Path, accum: int, progress: bool) -
         fsdp=t.fsdp,
         deepspeed=t.deepspeed,
         **save,
+        **t.args,
     )
 
 
@@ -519,6 +523,11 @@ def _train_locked(
         atomic_write_json(run_dir / RUN_FILE, finished)
         _record(cfg, finished, store, sweep)
         log(f"run {cfg.run_id} finished: {global_step} steps, loss {train_loss:.4f}.")
+        if cfg.training.push_to_hub:
+            repo = cfg.training.hub_model_id or cfg.run_id
+            log(f"pushing {final} to the hub as {repo}.")
+            trainer.model.push_to_hub(repo)
+            tokenizer.push_to_hub(repo)
     barrier()
     return TrainResult(
         cfg.run_id,
