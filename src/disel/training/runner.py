@@ -291,7 +291,9 @@ def training_arguments(cfg: Config, run_dir: Path, accum: int, progress: bool) -
         disable_tqdm=not progress,
         dataloader_num_workers=t.dataloader_num_workers,
         dataloader_pin_memory=torch.cuda.is_available(),
-        ddp_backend=t.ddp_backend,
+        # on CPU the Trainer joins the launcher's process group only with use_cpu (gloo)
+        use_cpu=not torch.cuda.is_available(),
+        ddp_backend=t.ddp_backend or ("gloo" if world_size() > 1 and not torch.cuda.is_available() else None),
         fsdp=t.fsdp,
         deepspeed=t.deepspeed,
         **save,
@@ -452,10 +454,12 @@ def _train_locked(
 
     set_seed(cfg.training.seed)
     tokenizer = load_tokenizer(cfg)
-    data = prepare_data(cfg, tokenizer)
+    accum = accumulation_steps(cfg, world)
+    args = training_arguments(cfg, run_dir, accum, progress)
+    with args.main_process_first(desc="reading the data"):  # downloads and caches once, then every rank
+        data = prepare_data(cfg, tokenizer)
     if data.dropped:
         log(f"{data.dropped} example(s) dropped: nothing of the response was left within data.max_length.")
-    accum = accumulation_steps(cfg, world)
     total = total_optimizer_steps(cfg, len(data.train), world, accum)
     base = load_base_model(cfg, data, tokenizer)
     set_seed(cfg.training.seed)  # the adapter's initialisation depends on the seed only
@@ -463,7 +467,6 @@ def _train_locked(
     spec = get_method(cfg.method.name)
     tally = LossTally(_checkpoint_loss_sum(resume) if resume else 0.0)
     cbs = [*(callbacks or []), *method_callbacks(spec, model), checkpoint_state_callback(tally)]
-    args = training_arguments(cfg, run_dir, accum, progress)
     trainer_cls = make_trainer_class(trainer_base)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     # every gated method (disel, disel+lalora, disel+corda, ...) gets the gates' own learning rate
@@ -479,6 +482,12 @@ def _train_locked(
         gate_lr=gates_lr,
     )
     trainer.loss_tally = tally
+    if trainer.args.world_size != world:
+        raise UserError(
+            f"The launcher started {world} processes but the Trainer sees world size {trainer.args.world_size}: "
+            "they would train as independent copies; launch with torchrun or accelerate launch (on CPU with "
+            "training.ddp_backend: gloo)."
+        )
     t0 = time.time()
     if resume and resume_step >= total:
         # killed after the last checkpoint: nothing is left to train (resuming the Trainer would take a step
