@@ -60,3 +60,51 @@ def test_report_writes_pngs_and_table(tmp_path):
     assert main(["report", str(tmp_path / "out" / "missing.sqlite")]) == 2
     assert main(["report", str(tmp_path), "--out", str(tmp_path / "cli")]) == 0
     assert (tmp_path / "cli" / "summary.md").is_file()
+
+
+def test_records_without_a_target_show_retention_only(tmp_path, capsys):
+    """The base and the runs evaluated without a target: no crash, retention shown, the target named missing."""
+    store = ResultsStore(tmp_path / "results.sqlite")
+    store.put("base_eval", "base:tiny", {"target_score": None, "retention_score": 0.60, "retention": {}})
+    for rid, method, ret in [("lora-r8-s0#aa", "lora", 0.55), ("disel-r8-s0#bb", "disel", 0.59)]:
+        for step, r in [(10, ret - 0.05), (None, ret)]:
+            payload = {"method": method, "rank": 8, "target_score": None, "target": {}, "retention_score": r}
+            store.put(
+                "eval", rid, {**payload, "run_id": rid.split("#")[0], "retention_delta": r - 0.6}, step=step
+            )
+    files = make_report(tmp_path, tmp_path / "out")
+    table = files["table"].read_text()
+    assert "| base (tiny) | – | – | – | 0.6000 | 0 | – |" in table
+    assert (
+        "| disel | 8 | 1 | – (no target) | 0.5900 ± 0.0000 | -0.0100 | – |" in table
+    )  # the final checkpoint
+    assert "| lora | 8 | 1 | – (no target) | 0.5500 ± 0.0000 | -0.0500 | – |" in table
+    assert "- lora r8: target missing for lora-r8-s0#aa (evaluated without a target)" in table
+    assert files["tradeoff"].read_bytes()[:4] == b"\x89PNG"
+    capsys.readouterr()
+    assert main(["report", str(tmp_path), "--out", str(tmp_path / "cli")]) == 0
+    assert capsys.readouterr().err.count("note: ") == 2
+
+
+def test_an_incomplete_evaluation_is_named_not_silently_used(tmp_path):
+    """A run whose eval_plan lists checkpoints/metrics without records is counted and named in a note."""
+    store = ResultsStore(tmp_path / "results.sqlite")
+    key = "disel-r8-s0#cc"
+    units = {"retention:stdlib-ppl": "u1", "target": "u2"}
+    plan = {"run_id": "disel-r8-s0", "run_dir": "/runs/disel-r8-s0", "units_key": "K", "unit_keys": units}
+    plan["checkpoints"] = [{"step": 10}, {"step": 20}, {"step": None}]
+    store.put("eval_plan", key, plan)
+    for step, unit in [(10, "retention:stdlib-ppl"), (10, "target"), (20, "retention:stdlib-ppl")]:
+        store.add("eval_unit", key, {"unit": unit, "unit_key": units[unit]}, step=step)
+    payload = {"method": "disel", "rank": 8, "target_score": 0.5, "retention_score": 0.6, "units_key": "K"}
+    store.put("eval", key, payload, step=10)
+    store.put("eval", key, {**payload, "target_score": 0.9, "units_key": "OLD"}, step=20)  # an earlier spec's
+    notes: list[str] = []
+    files = make_report(tmp_path, tmp_path / "out", log=notes.append)
+    assert notes == [
+        f"run {key}: evaluation incomplete, missing checkpoint-20 (target); final (all metrics); its numbers use "
+        "only the finished checkpoints (rerun `disel eval /runs/disel-r8-s0` to finish it)."
+    ]
+    row = summarize(store)[0]
+    assert (row.n, row.incomplete, row.target_mean) == (1, 1, 0.5)  # the stale step-20 record is not used
+    assert "| disel | 8 | 1 | 0.5000 ± 0.0000 | 0.6000 ± 0.0000 | – | 1 |" in files["table"].read_text()

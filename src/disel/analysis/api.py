@@ -1,7 +1,12 @@
-"""High-level helpers: record gates on a domain, and the whole ``disel gates`` report."""
+"""High-level helpers: record gates on a domain, and the whole ``disel gates`` report.
+
+Both commands read all their data before they load a model, and write their output folder only at the
+end, in one piece (a temporary folder renamed into place), so a failure leaves nothing behind.
+"""
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -13,12 +18,20 @@ from tqdm.auto import tqdm
 
 from ..errors import UserError
 from ..loading import load_adapter
-from ..utils.io import atomic_write_json
-from .domains import Encoded, batches, encode_items, load_items
+from ..utils.io import atomic_dir, atomic_write_json
+from .domains import Encoded, Item, batches, encode_items, load_items
 from .recorder import GateRecorder
 from .stats import SCORES, GateStats, auroc
 
-__all__ = ["compact_adapter", "domain_report", "gates_report", "load_adapter", "pad_id", "record_gates"]
+__all__ = [
+    "compact_adapter",
+    "domain_report",
+    "gates_report",
+    "load_adapter",
+    "load_domains",
+    "pad_id",
+    "record_gates",
+]
 
 
 def pad_id(tokenizer: Any) -> int:
@@ -81,10 +94,30 @@ def domain_report(
     return out
 
 
+def load_domains(domains: Mapping[str, str | Sequence[Item]], max_sequences: int) -> dict[str, list[Item]]:
+    """The items of every domain (sources read now, so bad data fails before a model is loaded)."""
+    return {
+        name: list(src) if not isinstance(src, str) else load_items(src, limit=max_sequences * 4)
+        for name, src in domains.items()
+    }
+
+
+def _write_outputs(out: Path, write: Any) -> None:
+    """``write(folder)`` into a new folder renamed to ``out`` at the end; into ``out`` itself (each file
+    written atomically) when it already exists, so that other files in it stay."""
+    if out.exists():
+        if not out.is_dir():
+            raise UserError(f"--out {out} is a file; choose a directory.")
+        write(out)
+        return
+    with atomic_dir(out) as tmp:
+        write(tmp)
+
+
 def gates_report(
     model: nn.Module,
     tokenizer: Any,
-    domains: Mapping[str, str],
+    domains: Mapping[str, str | Sequence[Item]],
     out_dir: str | os.PathLike[str],
     target: str | None = None,
     max_sequences: int = 200,
@@ -94,7 +127,8 @@ def gates_report(
     score: str = "mid_late",
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Record every domain, write ``gates.json``, ``fig_domains.png`` and ``fig_modules.png``; return the JSON."""
+    """Record every domain (a source, or its items from :func:`load_domains`), write ``gates.json``,
+    ``fig_domains.png`` and ``fig_modules.png`` into ``out_dir`` (created only at the end); return the JSON."""
     from .plots import plot_domains, plot_modules
 
     if target is not None and target not in domains:
@@ -102,11 +136,12 @@ def gates_report(
             f"--target {target!r} is not one of the domains ({', '.join(domains)}); name one of them."
         )
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; choose a directory.")
+    items = load_domains(domains, max_sequences)
     stats: dict[str, GateStats] = {}
-    for name, spec in domains.items():
-        items = load_items(spec, limit=max_sequences * 4)
-        enc = encode_items(tokenizer, items, max_length, max_sequences)
+    for name, its in items.items():
+        enc = encode_items(tokenizer, its, max_length, max_sequences)
         stats[name] = record_gates(
             model, enc, pad_id(tokenizer), batch_size, bins, desc=name, progress=progress
         )
@@ -114,9 +149,13 @@ def gates_report(
     focus = target or next(iter(stats))
     report["modules_detail"] = stats[focus].summary(per_rank=True)["modules"]
     report["modules_detail_domain"] = focus
-    plot_domains(stats, out / "fig_domains.png", target)
-    plot_modules(stats[focus], out / "fig_modules.png", focus)
-    atomic_write_json(out / "gates.json", report)
+
+    def write(d: Path) -> None:
+        plot_domains(stats, d / "fig_domains.png", target)
+        plot_modules(stats[focus], d / "fig_modules.png", focus)
+        atomic_write_json(d / "gates.json", report)
+
+    _write_outputs(out, write)
     return report
 
 
@@ -155,11 +194,12 @@ def compact_adapter(
         raise UserError(f"--out {out} exists and is not an empty directory; choose a new directory.")
     if not 0.0 < tau_closed < tau_open < 1.0:
         raise UserError(f"--tau-closed {tau_closed} / --tau-open {tau_open}: use 0 < closed < open < 1.")
+    calib_items = [load_items(src, max_sequences * 4) for src in calibration]
+    held_items = load_items(heldout, max_sequences * 4) if heldout else None
     model, tok, adir = load_adapter(adapter, base=base, task=task, device=device)
     pad = pad_id(tok)
     calib = []
-    for src in calibration:
-        items = load_items(src, max_sequences * 4)
+    for items in calib_items:
         # every token the adapter acts on counts, prompt tokens included: a component shut on the answers
         # but open on the prompt still shapes the answer through attention
         calib += encode_items(tok, items, max_length, max_sequences, all_tokens=True)
@@ -175,8 +215,8 @@ def compact_adapter(
     plan = plan_compaction(stats, tau_closed, tau_open, coverage, adapter="default")
     add_compacted_adapter(model, plan, "default", "compact")
     held = calib
-    if heldout:
-        held = encode_items(tok, load_items(heldout, max_sequences * 4), max_length, max_sequences)
+    if held_items is not None:
+        held = encode_items(tok, held_items, max_length, max_sequences)
     held_batches = list(batches(held, batch_size, pad))
     report = {
         "adapter": str(adir),
@@ -203,11 +243,24 @@ def compact_adapter(
         if "timing_merged_s" in report["merge_static"]:
             t = report["merge_static"]["timing_merged_s"]
             report["speedup_forward_merged"] = t["default"] / t["compact"]
-        save_merged(model, "compact", out, tokenizer=tok)
-    else:
-        save_adapter(model, "compact", out, tokenizer=tok)
-    atomic_write_json(out / "compaction.json", report)
+    # the whole folder appears at once, compaction.json included
+    with atomic_dir(out) as tmp:
+        if merge_static:
+            save_merged(model, "compact", tmp, tokenizer=tok)
+            _rebase_adapter(tmp / "adapter", out)
+        else:
+            save_adapter(model, "compact", tmp, tokenizer=tok)
+        atomic_write_json(tmp / "compaction.json", report)
     return report
+
+
+def _rebase_adapter(adapter_dir: Path, base: Path) -> None:
+    """Point a gated adapter written beside a merged base (in a temporary folder) at the base's final place."""
+    cfg_path = adapter_dir / "adapter_config.json"
+    if cfg_path.is_file():
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+        cfg["base_model_name_or_path"] = str(base.resolve())
+        atomic_write_json(cfg_path, cfg)
 
 
 def _merge_static(model: Any, held_batches: list[Any], repeats: int) -> dict[str, Any]:

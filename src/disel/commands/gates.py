@@ -52,7 +52,7 @@ def parse_domains(specs: list[str]) -> dict[str, str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..analysis.api import gates_report, load_adapter
+    from ..analysis.api import gates_report, load_adapter, load_domains
 
     domains = parse_domains(args.domain)
     for n, v in (
@@ -66,11 +66,12 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(
             f"--target {args.target!r} is not one of the domains ({', '.join(domains)}); name one of them."
         )
+    items = load_domains(domains, args.max_sequences)  # bad data fails before the model is loaded
     model, tok, _ = load_adapter(args.adapter, base=args.base, task=args.task, device=args.device)
     rep = gates_report(
         model,
         tok,
-        domains,
+        items,
         args.out,
         target=args.target,
         max_sequences=args.max_sequences,

@@ -12,14 +12,16 @@ A source is one of
 Three readers share it: :func:`read_rows` (records, for training data), :func:`load_items` (raw texts or
 prompt/response pairs, for gate recording and compaction) and :func:`read_texts` (raw texts, for methods
 that calibrate on data at build time). A malformed row raises a :class:`UserError` naming it (``file:line``
-for JSON lines and CSV, ``file[index]`` otherwise) and the field.
+for JSON lines and CSV, ``file[index]`` otherwise) and the field; a byte that is not UTF-8 raises one naming
+``file:line`` (every text file is read as UTF-8, a leading byte-order mark dropped).
 """
 
 from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Iterator
+import os
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +38,49 @@ RAW_TEXT_SUFFIXES = (".txt", ".md", ".py")
 class Row:
     where: str  # "file:line" or "name[split][index]", for error messages
     data: dict[str, Any]
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading text: UTF-8 only, a bad byte is a UserError naming file:line
+
+
+_BOM = b"\xef\xbb\xbf"
+
+
+def _not_utf8(path: str | os.PathLike[str], line: int, byte: int, column: int) -> UserError:
+    return UserError(
+        f"{path}:{line} holds the byte {byte:#04x} (column {column}) that is not UTF-8: re-encode the file "
+        "as UTF-8 (for instance with iconv -f latin1 -t utf-8)."
+    )
+
+
+def decode_utf8(data: bytes, path: str | os.PathLike[str]) -> str:
+    """``data`` (the whole content of ``path``) as text; a :class:`UserError` naming the line of a bad byte."""
+    body = data[len(_BOM) :] if data.startswith(_BOM) else data
+    try:
+        return body.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line_start = body.rfind(b"\n", 0, e.start) + 1
+        raise _not_utf8(
+            path, body.count(b"\n", 0, e.start) + 1, body[e.start], e.start - line_start + 1
+        ) from None
+
+
+def read_text_file(path: str | os.PathLike[str]) -> str:
+    """The text of a UTF-8 file; a :class:`UserError` naming ``file:line`` of a byte that is not UTF-8."""
+    return decode_utf8(Path(path).read_bytes(), path)
+
+
+def utf8_lines(lines: Iterable[bytes], path: str | os.PathLike[str]) -> Iterator[tuple[int, str]]:
+    """``(line number, text)`` of the byte lines of a file opened in binary mode (line endings kept); a
+    :class:`UserError` naming ``file:line`` of a byte that is not UTF-8."""
+    for lineno, raw in enumerate(lines, 1):
+        if lineno == 1 and raw.startswith(_BOM):
+            raw = raw[len(_BOM) :]
+        try:
+            yield lineno, raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise _not_utf8(path, lineno, raw[e.start], e.start + 1) from None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -78,8 +123,8 @@ def _read_local(path: Path, max_rows: int | None) -> Iterator[Row]:
         return max_rows is not None and count >= max_rows
 
     if suffix == ".jsonl" or (suffix == ".json" and _is_json_lines(path)):
-        with path.open(encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
+        with path.open("rb") as f:
+            for lineno, line in utf8_lines(f, path):
                 if done():
                     return
                 if not line.strip():
@@ -98,7 +143,7 @@ def _read_local(path: Path, max_rows: int | None) -> Iterator[Row]:
                 yield Row(f"{path}:{lineno}", obj)
     elif suffix == ".json":
         try:
-            obj = json.loads(path.read_text(encoding="utf-8"))
+            obj = json.loads(read_text_file(path))
         except json.JSONDecodeError as e:
             raise UserError(f"{path}:{e.lineno} is not valid JSON ({e.msg}): fix the file.") from e
         if isinstance(obj, dict) and isinstance(obj.get("data"), list):
@@ -113,8 +158,8 @@ def _read_local(path: Path, max_rows: int | None) -> Iterator[Row]:
             count += 1
             yield Row(f"{path}[{i}]", item)
     elif suffix == ".csv":
-        with path.open(encoding="utf-8", newline="") as f:
-            reader = csv.DictReader(f)
+        with path.open("rb") as f:
+            reader = csv.DictReader(line for _, line in utf8_lines(f, path))
             for item in reader:
                 if done():
                     return
@@ -136,8 +181,8 @@ def _read_local(path: Path, max_rows: int | None) -> Iterator[Row]:
 
 
 def _is_json_lines(path: Path) -> bool:
-    with path.open(encoding="utf-8") as f:
-        for line in f:
+    with path.open("rb") as f:
+        for _, line in utf8_lines(f, path):
             if line.strip():
                 return line.lstrip().startswith("{")
     return False
@@ -196,7 +241,7 @@ def load_items(spec: str, limit: int | None = None) -> list[Item]:
         raise UserError(f"domain source {spec!r} is a directory; give a .txt, .json or .jsonl file.")
     if path.suffix.lower() in (".jsonl", ".json", ".csv", ".parquet"):
         return [_record_to_item(row.data, row.where) for row in read_rows(str(path), max_rows=limit)]
-    return [Item(path.read_text(encoding="utf-8", errors="replace"))]
+    return [Item(read_text_file(path))]
 
 
 def _load_hf(spec: str, limit: int | None) -> list[Item]:
@@ -227,7 +272,7 @@ def read_texts(source: str, n: int, field: str = "text") -> list[str]:
         return stdlib_spec_texts(source)[:n]
     path = Path(source)
     if path.suffix.lower() in RAW_TEXT_SUFFIXES and path.is_file():
-        blocks = [b.strip() for b in path.read_text(encoding="utf-8").split("\n\n")]
+        blocks = [b.strip() for b in read_text_file(path).split("\n\n")]
         texts = [b for b in blocks if b]
     else:
         texts = []

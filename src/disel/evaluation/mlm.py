@@ -39,7 +39,9 @@ def corpus_texts(name: str, n: int = 200, seed: int = 0, max_chars: int = 2000) 
 
         texts = stdlib_docstrings("heldout")
     elif p.exists():
-        raw = p.read_text(encoding="utf-8", errors="replace")
+        from ..data.sources import read_text_file
+
+        raw = read_text_file(p)
         texts = [t.strip() for t in raw.split("\n\n") if t.strip()]
     elif name in HUB_CORPORA:
         from datasets import load_dataset

@@ -69,8 +69,9 @@ class TaskRef:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def resolve_retention(entries: list[Any], n_docs: int = 200) -> list[TaskRef]:
-    """Expand presets and normalise entries to :class:`TaskRef` (offline data is generated here)."""
+def resolve_retention(entries: list[Any], n_docs: int = 200, generate: bool = True) -> list[TaskRef]:
+    """Expand presets and normalise entries to :class:`TaskRef` (offline data is generated here; with
+    ``generate=False`` it is not, and offline refs have no ``include_path``: what planning needs)."""
     out: list[TaskRef] = []
     for e in entries:
         if isinstance(e, dict):
@@ -78,7 +79,7 @@ def resolve_retention(entries: list[Any], n_docs: int = 200) -> list[TaskRef]:
                 raise UserError(
                     f"Retention entry {e!r} has no 'task' key: write {{task: NAME, metric: ...}}."
                 )
-            base = resolve_retention([e["task"]], n_docs)
+            base = resolve_retention([e["task"]], n_docs, generate)
             for r in base:
                 r.metric = e.get("metric", r.metric)
                 r.filter = e.get("filter", r.filter)
@@ -89,9 +90,9 @@ def resolve_retention(entries: list[Any], n_docs: int = 200) -> list[TaskRef]:
         elif e == "paper":
             out += [TaskRef(t, t, m, f, PAPER_FEWSHOT, hub=True) for t, m, f in PAPER_SUITE]
         elif e == "offline":
-            out += resolve_retention(list(OFFLINE_TASKS), n_docs)
+            out += resolve_retention(list(OFFLINE_TASKS), n_docs, generate)
         elif e in OFFLINE_TASKS:
-            out.append(offline_task(e, n_docs))
+            out.append(offline_task(e, n_docs) if generate else offline_ref(e))
         elif e.startswith("mlm:"):
             out.append(TaskRef(e, "", "perplexity", extra={"mlm": e[4:]}))
         elif e.endswith((".yaml", ".yml")):
@@ -100,15 +101,27 @@ def resolve_retention(entries: list[Any], n_docs: int = 200) -> list[TaskRef]:
                 raise UserError(
                     f"Retention task file {e} does not exist: pass an existing lm-eval YAML file."
                 )
-            import yaml
-
-            name = (yaml.safe_load(p.read_text()) or {}).get("task")
+            name = _yaml_task_name(p, e)
             if not isinstance(name, str):
                 raise UserError(f"{e} has no 'task:' name: add one to the YAML file.")
             out.append(TaskRef(name, name, include_path=str(p.parent)))
         else:
             out.append(TaskRef(e, e, hub=True))
     return out
+
+
+def _yaml_task_name(path: Path, entry: str) -> Any:
+    import yaml
+
+    from ..data.sources import read_text_file
+
+    try:
+        doc = yaml.safe_load(read_text_file(path))
+    except yaml.YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        line = f":{where.line + 1}" if where is not None else ""
+        raise UserError(f"{path}{line} is not valid YAML: fix the lm-eval task file {entry}.") from None
+    return doc.get("task") if isinstance(doc, dict) else None
 
 
 def cache_dir() -> Path:
@@ -208,6 +221,12 @@ metadata:
 """
 
 
+def offline_ref(name: str) -> TaskRef:
+    """The :class:`TaskRef` of an offline task without its data (``include_path`` None)."""
+    metric = "bits_per_byte" if name == "stdlib-ppl" else "acc"
+    return TaskRef(name, "disel_" + name.replace("-", "_"), metric, "none", 0)
+
+
 def offline_task(name: str, n_docs: int = 200) -> TaskRef:
     """Write (once, into the cache) the lm-eval YAML and JSONL of an offline task; its :class:`TaskRef`."""
     key = hashlib.sha1(f"{name}|{n_docs}|{sys.version_info[:2]}|v2".encode()).hexdigest()[:10]
@@ -217,15 +236,16 @@ def offline_task(name: str, n_docs: int = 200) -> TaskRef:
     if not yaml_path.exists():
         data = d / "data.jsonl"
         if name == "stdlib-ppl":
-            docs, template, metric = _ppl_docs(n_docs), _PPL_YAML, "bits_per_byte"
+            docs, template = _ppl_docs(n_docs), _PPL_YAML
         elif name == "stdlib-nextline":
-            docs, template, metric = _nextline_docs(n_docs), _MC_YAML, "acc"
+            docs, template = _nextline_docs(n_docs), _MC_YAML
         else:  # pragma: no cover - guarded by OFFLINE_TASKS
             raise UserError(f"{name!r} is not an offline task: choose one of {', '.join(OFFLINE_TASKS)}.")
         atomic_write_text(data, "".join(json.dumps(x) + "\n" for x in docs))
         atomic_write_text(yaml_path, template.format(task=task, data=json.dumps(str(data.resolve()))))
-    metric = "bits_per_byte" if name == "stdlib-ppl" else "acc"
-    return TaskRef(name, task, metric, "none", 0, include_path=str(d))
+    ref = offline_ref(name)
+    ref.include_path = str(d)
+    return ref
 
 
 def task_data_path(ref: TaskRef) -> Path:
@@ -244,6 +264,20 @@ def score_of(metric: str, value: float) -> float:
     return value
 
 
+_TASK_MANAGERS: dict[tuple[tuple[str, ...], bool], Any] = {}
+
+
+def _task_manager(includes: tuple[str, ...], defaults: bool) -> Any:
+    """lm-eval's task index, built once per process for each set of task folders: indexing lm-eval's own
+    tasks takes seconds, and evaluation units call :func:`run_lm_eval` once per task."""
+    from lm_eval.tasks import TaskManager
+
+    key = (includes, defaults)
+    if key not in _TASK_MANAGERS:
+        _TASK_MANAGERS[key] = TaskManager(include_path=list(includes) or None, include_defaults=defaults)
+    return _TASK_MANAGERS[key]
+
+
 def run_lm_eval(
     model: Any,
     tokenizer: Any,
@@ -258,7 +292,6 @@ def run_lm_eval(
         return {}
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
 
     cfg = getattr(model, "config", None)
     limit_len = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
@@ -267,9 +300,9 @@ def run_lm_eval(
     lm = HFLM(
         pretrained=model, tokenizer=tokenizer, backend="causal", max_length=max_length, batch_size=batch_size
     )
-    includes = sorted({r.include_path for r in refs if r.include_path})
+    includes = tuple(sorted({r.include_path for r in refs if r.include_path}))
     needs_defaults = any(not r.include_path for r in refs)
-    tm = TaskManager(include_path=includes or None, include_defaults=needs_defaults)
+    tm = _task_manager(includes, needs_defaults)
     out: dict[str, dict[str, Any]] = {}
     groups: dict[int | None, list[TaskRef]] = {}
     for r in refs:

@@ -89,16 +89,21 @@ def matthews_corrcoef(y_true: Sequence[int], y_pred: Sequence[int]) -> float:
 def read_jsonl(
     path: str | Path, required: Sequence[str], what: str = "Target data file"
 ) -> list[dict[str, Any]]:
-    """Records of a local JSONL file (``.gz`` too), each checked to be an object with the ``required`` keys."""
+    """Records of a local JSONL file (``.gz`` too), each checked to be an object with the ``required`` keys
+    (a byte that is not UTF-8 is a :class:`UserError` naming ``file:line``)."""
     import gzip
 
     p = Path(path)
     if not p.exists():
         raise UserError(f"{what} {p} does not exist: pass an existing JSONL file.")
+    if not p.is_file():
+        raise UserError(f"{what} {p} is not a file: pass a JSONL file.")
+    from ..data.sources import utf8_lines
+
     out = []
     opener = gzip.open if p.suffix == ".gz" else open
-    with opener(p, "rt", encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+    with opener(p, "rb") as f:
+        for n, line in utf8_lines(f, p):
             if not line.strip():
                 continue
             try:

@@ -4,7 +4,10 @@
   method x rank (mean +- std over seeds, each run at its best-target checkpoint, as the paper selects
   checkpoints), the base model's retention as a vertical line;
 - ``retention_over_steps.png`` (figure 6): retention score against training step, one line per run;
-- ``summary.md`` / ``summary.json``: the table behind the trade-off plot.
+- ``summary.md`` / ``summary.json``: the table behind the trade-off plot, and notes: a run evaluated without
+  a target (its retention is shown at its final checkpoint, and it is left out of the trade-off plot) and
+  a run whose evaluation is incomplete (its ``eval_plan`` lists checkpoints or metrics that have no record
+  yet: each such run is named with what is missing, and counted in the table's last column).
 
 All files are written atomically.
 """
@@ -14,7 +17,8 @@ from __future__ import annotations
 import math
 import os
 from collections import defaultdict
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,17 +26,23 @@ from ..errors import UserError
 from ..results import ResultsStore
 from ..utils.io import atomic_write_json, atomic_write_text, save_figure
 
+# the record kinds disel.evaluation.runner writes per run (named here so a report does not import torch)
+PLAN_KIND = "eval_plan"
+UNIT_KIND = "eval_unit"
+
 
 @dataclass
 class Row:
     method: str
     rank: int | None
     n: int
-    target_mean: float
-    target_std: float
-    retention_mean: float
-    retention_std: float
+    target_mean: float | None  # None: no run of the row was evaluated with a target
+    target_std: float | None
+    retention_mean: float | None
+    retention_std: float | None
     retention_delta_mean: float | None
+    incomplete: int = 0  # runs of the row whose evaluation is incomplete
+    no_target: list[str] = field(default_factory=list)  # runs evaluated without a target
 
 
 def open_store(path: str | os.PathLike[str]) -> ResultsStore:
@@ -52,31 +62,124 @@ def _seed_of(run_id: str, runs: dict[str, dict[str, Any]], rec: dict[str, Any]) 
     return rec.get("seed", run.get("seed", run_id))
 
 
-def best_evals(store: ResultsStore) -> list[dict[str, Any]]:
-    """One eval record per run: the checkpoint with the best target score (ties: the later one)."""
-    runs = {r["run_id"]: r for r in store.records(kind="run")}
-    best: dict[str, dict[str, Any]] = {}
-    for rec in store.records(kind="eval"):
-        if rec.get("target_score") is None or rec.get("retention_score") is None:
+def _key(rec: dict[str, Any]) -> str:
+    """A record's run key (the store's key column; ``run_id`` is the run's name)."""
+    return str(rec.get("run_key") or rec["run_id"])
+
+
+def _step_label(step: int | None) -> str:
+    return "final" if step is None else f"checkpoint-{step}"
+
+
+def evaluation_status(store: ResultsStore) -> dict[str, dict[str, Any]]:
+    """Per run key with an ``eval_plan``: ``{"run_id", "run_dir", "units_key", "missing": {checkpoint:
+    [units]}}``; a checkpoint is missing units when some have no record yet (``["combined"]`` when every unit
+    is there but its "eval" record is not)."""
+    plans: dict[str, dict[str, Any]] = {}
+    for plan in store.records(kind=PLAN_KIND):
+        plans[_key(plan)] = plan  # later plans replace earlier ones
+    units_of: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in store.records(kind=UNIT_KIND):
+        units_of[_key(r)].append(r)
+    evals_of: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in store.records(kind="eval"):
+        evals_of[_key(r)].append(r)
+    status: dict[str, dict[str, Any]] = {}
+    for key, plan in plans.items():
+        unit_keys = plan.get("unit_keys") or {}
+        done = {
+            (r["step"], r.get("unit"))
+            for r in units_of[key]
+            if unit_keys.get(r.get("unit")) == r.get("unit_key")
+        }
+        combined = {r["step"] for r in evals_of[key] if r.get("units_key") == plan["units_key"]}
+        missing: dict[str, list[str]] = {}
+        for ck in plan.get("checkpoints") or []:
+            step = ck.get("step")
+            if step in combined:
+                continue
+            lacking = [u for u in unit_keys if (step, u) not in done]
+            missing[_step_label(step)] = lacking or ["combined"]
+        status[key] = {
+            "run_id": plan.get("run_id"),
+            "run_dir": plan.get("run_dir"),
+            "units_key": plan["units_key"],
+            "missing": missing,
+        }
+    return status
+
+
+def incomplete_runs(store: ResultsStore) -> dict[str, dict[str, list[str]]]:
+    """``{run key: {checkpoint: [missing units]}}`` of every run whose evaluation is incomplete."""
+    return {k: v["missing"] for k, v in evaluation_status(store).items() if v["missing"]}
+
+
+def _plural(units: list[str], total: int) -> str:
+    return "all metrics" if len(units) >= total > 1 else ", ".join(units)
+
+
+def incomplete_warnings(store: ResultsStore, status: dict[str, dict[str, Any]] | None = None) -> list[str]:
+    """One line per run whose evaluation is incomplete, naming the missing checkpoints and metrics."""
+    status = evaluation_status(store) if status is None else status
+    plans = {_key(p): p for p in store.records(kind=PLAN_KIND)}
+    lines = []
+    for key, st in status.items():
+        if not st["missing"]:
             continue
-        cur = best.get(rec["run_id"])
-        if cur is None or rec["target_score"] >= cur["target_score"]:
-            best[rec["run_id"]] = rec
+        total = len((plans.get(key) or {}).get("unit_keys") or {})
+        parts = [f"{ck} ({_plural(units, total)})" for ck, units in st["missing"].items()]
+        where = st.get("run_dir") or key
+        lines.append(
+            f"run {key}: evaluation incomplete, missing {'; '.join(parts)}; its numbers use only the finished "
+            f"checkpoints (rerun `disel eval {where}` to finish it)"
+        )
+    return lines
+
+
+def best_evals(store: ResultsStore) -> list[dict[str, Any]]:
+    """One eval record per run: the checkpoint with the best target score (ties: the later one); a run
+    evaluated without a target gets its final checkpoint (else its latest step), with ``no_target`` set.
+
+    Where a run has an evaluation plan, only the records of that plan count, and ``incomplete`` says whether
+    checkpoints of it are missing."""
+    runs = {_key(r): r for r in store.records(kind="run")}
+    status = evaluation_status(store)
+    by_run: dict[str, dict[Any, dict[str, Any]]] = defaultdict(dict)
+    for rec in store.records(kind="eval"):
+        st = status.get(_key(rec))
+        if st is not None and rec.get("units_key") != st["units_key"]:
+            continue  # a record of an earlier evaluation spec
+        by_run[_key(rec)][rec.get("step")] = rec  # later records of a step replace earlier ones
     out = []
-    for run_id, rec in best.items():
+    for run_id, recs in by_run.items():
+        scored = [r for r in recs.values() if r.get("target_score") is not None]
+        if scored:
+            best = None
+            for r in sorted(scored, key=lambda r: (r.get("step") is None, r.get("step") or 0)):
+                if best is None or r["target_score"] >= best["target_score"]:
+                    best = r
+            no_target = False
+        else:
+            best = recs[None] if None in recs else recs[max(k for k in recs if k is not None)]
+            no_target = True
         run = runs.get(run_id, {})
         out.append(
             {
-                **rec,
-                "method": rec.get("method", run.get("method", "?")),
-                "rank": rec.get("rank", run.get("rank")),
-                "seed": _seed_of(run_id, runs, rec),
+                **best,
+                "run_key": run_id,
+                "method": best.get("method") or run.get("method", "?"),
+                "rank": best.get("rank", run.get("rank")),
+                "seed": _seed_of(run_id, runs, best),
+                "no_target": no_target,
+                "incomplete": bool((status.get(run_id) or {}).get("missing")),
             }
         )
     return out
 
 
-def _mean_std(xs: list[float]) -> tuple[float, float]:
+def _mean_std(xs: list[float]) -> tuple[float | None, float | None]:
+    if not xs:
+        return None, None
     m = sum(xs) / len(xs)
     sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
     return m, sd
@@ -85,18 +188,29 @@ def _mean_std(xs: list[float]) -> tuple[float, float]:
 def summarize(store: ResultsStore) -> list[Row]:
     groups: dict[tuple[str, Any], list[dict[str, Any]]] = defaultdict(list)
     for rec in best_evals(store):
-        groups[(rec["method"], rec["rank"])].append(rec)
+        groups[(str(rec["method"]), rec["rank"])].append(rec)
     rows = []
     for (method, rank), recs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0)):
-        t = _mean_std([float(r["target_score"]) for r in recs])
-        rt = _mean_std([float(r["retention_score"]) for r in recs])
+        t = _mean_std([float(r["target_score"]) for r in recs if r.get("target_score") is not None])
+        rt = _mean_std([float(r["retention_score"]) for r in recs if r.get("retention_score") is not None])
         deltas = [float(r["retention_delta"]) for r in recs if r.get("retention_delta") is not None]
-        rows.append(Row(method, rank, len(recs), *t, *rt, sum(deltas) / len(deltas) if deltas else None))
+        rows.append(
+            Row(
+                method,
+                rank,
+                len(recs),
+                *t,
+                *rt,
+                sum(deltas) / len(deltas) if deltas else None,
+                incomplete=sum(bool(r.get("incomplete")) for r in recs),
+                no_target=sorted(str(r["run_key"]) for r in recs if r.get("no_target")),
+            )
+        )
     return rows
 
 
 def base_scores(store: ResultsStore) -> dict[str, dict[str, Any]]:
-    return {r["run_id"]: r for r in store.records(kind="base_eval")}
+    return {_key(r): r for r in store.records(kind="base_eval")}
 
 
 def _model_label(base_id: str) -> str:
@@ -105,22 +219,47 @@ def _model_label(base_id: str) -> str:
     return Path(name).name if os.path.isabs(name) else name
 
 
-def markdown_table(rows: list[Row], base: dict[str, dict[str, Any]]) -> str:
+def _num(v: Any) -> str:
+    return f"{float(v):.4f}" if isinstance(v, int | float) else "–"
+
+
+def _pm(mean: float | None, std: float | None) -> str:
+    return "–" if mean is None else f"{mean:.4f} ± {std or 0.0:.4f}"
+
+
+def markdown_table(
+    rows: list[Row], base: dict[str, dict[str, Any]], warnings: list[str] | None = None
+) -> str:
     lines = [
-        "| method | rank | seeds | target (mean ± std) | retention (mean ± std) | Δ retention vs base |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| method | rank | seeds | target (mean ± std) | retention (mean ± std) | Δ retention vs base "
+        "| incomplete runs |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for b_id, b in base.items():
         lines.append(
-            f"| base ({_model_label(b_id)}) | – | – | {b.get('target_score', float('nan')):.4f} | "
-            f"{b.get('retention_score', float('nan')):.4f} | 0 |"
+            f"| base ({_model_label(b_id)}) | – | – | {_num(b.get('target_score'))} | "
+            f"{_num(b.get('retention_score'))} | 0 | – |"
         )
+    notes = []
     for r in rows:
         delta = f"{r.retention_delta_mean:+.4f}" if r.retention_delta_mean is not None else "–"
+        target = _pm(r.target_mean, r.target_std)
+        if r.no_target:
+            target = (
+                "– (no target)" if r.target_mean is None else f"{target} ({len(r.no_target)} without target)"
+            )
+            label = f"{r.method}" + (f" r{r.rank}" if r.rank is not None else "")
+            notes.append(
+                f"{label}: target missing for {', '.join(r.no_target)} (evaluated without a target): retention "
+                "only, at the final checkpoint, and not in the trade-off plot"
+            )
         lines.append(
-            f"| {r.method} | {r.rank if r.rank is not None else '–'} | {r.n} | "
-            f"{r.target_mean:.4f} ± {r.target_std:.4f} | {r.retention_mean:.4f} ± {r.retention_std:.4f} | {delta} |"
+            f"| {r.method} | {r.rank if r.rank is not None else '–'} | {r.n} | {target} | "
+            f"{_pm(r.retention_mean, r.retention_std)} | {delta} | {r.incomplete or '–'} |"
         )
+    notes += list(warnings or [])
+    if notes:
+        lines += ["", *(f"- {n}." if not n.endswith(".") else f"- {n}" for n in notes)]
     return "\n".join(lines) + "\n"
 
 
@@ -139,11 +278,13 @@ def plot_tradeoff(rows: list[Row], base: dict[str, dict[str, Any]], path: Path) 
     for r in rows:
         by_method[r.method].append(r)
     for method, rs in sorted(by_method.items()):
-        rs = sorted(rs, key=lambda r: r.rank or 0)
+        rs = sorted((r for r in rs if r.target_mean is not None), key=lambda r: r.rank or 0)
+        if not rs:
+            continue
         ax.errorbar(
-            [r.retention_mean for r in rs],
+            [float("nan") if r.retention_mean is None else r.retention_mean for r in rs],
             [r.target_mean for r in rs],
-            xerr=[r.retention_std for r in rs],
+            xerr=[r.retention_std or 0.0 for r in rs],
             yerr=[r.target_std for r in rs],
             marker="o",
             capsize=3,
@@ -154,7 +295,7 @@ def plot_tradeoff(rows: list[Row], base: dict[str, dict[str, Any]], path: Path) 
             if r.rank is not None:
                 ax.annotate(
                     f"r{r.rank}",
-                    (r.retention_mean, r.target_mean),
+                    (r.retention_mean or 0.0, r.target_mean),
                     fontsize=7,
                     xytext=(3, 3),
                     textcoords="offset points",
@@ -171,7 +312,8 @@ def plot_tradeoff(rows: list[Row], base: dict[str, dict[str, Any]], path: Path) 
     ax.set_ylabel("target score")
     ax.set_title("Fine-tuning accuracy vs retention")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
     out = _save_png(fig, path)
     plt.close(fig)
     return out
@@ -181,8 +323,18 @@ def retention_series(store: ResultsStore) -> dict[str, list[tuple[int, float]]]:
     series: dict[str, dict[int, float]] = defaultdict(dict)
     for rec in store.records(kind="eval"):
         if rec.get("step") is not None and rec.get("retention_score") is not None:
-            series[rec["run_id"]][int(rec["step"])] = float(rec["retention_score"])  # later records win
+            series[_key(rec)][int(rec["step"])] = float(rec["retention_score"])  # later records win
     return {k: sorted(v.items()) for k, v in sorted(series.items())}
+
+
+def _methods_of(store: ResultsStore) -> dict[str, str]:
+    """Run key -> method: the eval records' own, else the "run" record's, else the key's first part."""
+    runs = {_key(r): r.get("method") for r in store.records(kind="run")}
+    out: dict[str, str] = {}
+    for rec in store.records(kind="eval"):
+        k = _key(rec)
+        out[k] = str(rec.get("method") or runs.get(k) or str(rec["run_id"]).split("-")[0])
+    return out
 
 
 def plot_retention_over_steps(
@@ -196,12 +348,12 @@ def plot_retention_over_steps(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = {r["run_id"]: r for r in store.records(kind="run")}
-    methods = sorted({runs.get(k, {}).get("method", k.split("-")[0]) for k in series})
+    method_of = _methods_of(store)
+    methods = sorted({method_of.get(k, k.split("-")[0]) for k in series})
     fig, axes = plt.subplots(1, len(methods), figsize=(4.5 * len(methods), 3.8), squeeze=False, sharey=True)
     for ax, method in zip(axes[0], methods):
         for run_id, pts in series.items():
-            if runs.get(run_id, {}).get("method", run_id.split("-")[0]) != method:
+            if method_of.get(run_id, run_id.split("-")[0]) != method:
                 continue
             ax.plot([s for s, _ in pts], [v for _, v in pts], marker=".", label=run_id)
         for b in base.values():
@@ -218,9 +370,12 @@ def plot_retention_over_steps(
 
 
 def make_report(
-    results: str | os.PathLike[str], out_dir: str | os.PathLike[str] | None = None
+    results: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str] | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> dict[str, Path]:
-    """Write the plots and tables for ``results`` (a store file or directory) into ``out_dir``."""
+    """Write the plots and tables for ``results`` (a store file or directory) into ``out_dir``; ``log``
+    gets the notes of the table (a target missing, an incomplete evaluation), one line each."""
     store = open_store(results)
     out = Path(out_dir) if out_dir else store.path.parent / "report"
     rows = summarize(store)
@@ -229,17 +384,37 @@ def make_report(
         raise UserError(
             f"{str(store.path)!r} has no eval or base_eval records: run `disel eval` or a sweep with eval."
         )
+    status = evaluation_status(store)
+    warnings = incomplete_warnings(store, status)
+    table = markdown_table(rows, base, warnings)
+    summary = {
+        "rows": [asdict(r) for r in rows],
+        "base": base,
+        "incomplete": {k: v["missing"] for k, v in status.items() if v["missing"]},
+        "warnings": warnings,
+    }
     files = {
-        "table": atomic_write_text(out / "summary.md", markdown_table(rows, base)),
-        "json": atomic_write_json(
-            out / "summary.json", {"rows": [asdict(r) for r in rows], "base": base}, indent=2
-        ),
+        "table": atomic_write_text(out / "summary.md", table),
+        "json": atomic_write_json(out / "summary.json", summary, indent=2),
         "tradeoff": plot_tradeoff(rows, base, out / "tradeoff.png"),
     }
     steps = plot_retention_over_steps(store, base, out / "retention_over_steps.png")
     if steps is not None:
         files["retention_over_steps"] = steps
+    if log is not None:
+        for line in table.splitlines():
+            if line.startswith("- "):
+                log(line[2:])
     return files
 
 
-__all__ = ["best_evals", "make_report", "markdown_table", "open_store", "summarize"]
+__all__ = [
+    "best_evals",
+    "evaluation_status",
+    "incomplete_runs",
+    "incomplete_warnings",
+    "make_report",
+    "markdown_table",
+    "open_store",
+    "summarize",
+]
