@@ -96,6 +96,11 @@ def checkpoint_problem(path: PathLike) -> str | None:
     return None
 
 
+def _weights_ok(p: Path) -> bool:
+    names = [f for f in ("adapter_model.safetensors", "model.safetensors") if (p / f).is_file()]
+    return bool(names) and all(_safetensors_ok(p / n) for n in names) or any(p.glob("model-*.safetensors"))
+
+
 def _safetensors_ok(path: Path) -> bool:
     """The header parses and the file is as long as the header says (a cheap check, no tensor is read)."""
     try:
@@ -168,7 +173,9 @@ def evaluation_points(run_dir: PathLike) -> list[tuple[int | None, Path]]:
     out: list[tuple[int | None, Path]] = []
     for c in d.iterdir():
         step = checkpoint_step(c)
-        if step is not None and c.is_dir():
+        if (
+            step is not None and c.is_dir() and _weights_ok(loadable(c))
+        ):  # a checkpoint a crash cut short: not
             out.append((step, c))
     out.sort(key=lambda x: x[0] or 0)
     if (d / FINAL_DIR).is_dir():
