@@ -124,6 +124,7 @@ def test_plan_rejects_bad_thresholds_and_all_closed():
         add_compacted_adapter(pm, plan_compaction(rec.stats()), "default", "compact")
 
 
+@pytest.mark.slow
 def test_compact_cli(tmp_path, capsys):
     from disel.testing_tokenizers import tiny_tokenizer
 

@@ -12,6 +12,7 @@ from disel.testing import tiny_model
 from disel.testing_tokenizers import tiny_tokenizer
 
 
+@pytest.mark.slow
 def test_mlm_perplexity_untouched_equals_base_and_rises_after_full_fine_tuning(tmp_path):
     tok = tiny_tokenizer(128)
     base = tiny_model("roberta", vocab_size=128, pad_token_id=0)

@@ -59,6 +59,7 @@ def test_offline_tasks_are_real_and_honest():
     assert len({it["label"] for it in items}) > 1  # the answer is not always in the same slot
 
 
+@pytest.mark.slow
 def test_lm_eval_perplexity_agrees_with_direct_computation():
     tok = tiny_tokenizer(128)
     model = tiny_model("llama", vocab_size=128, max_position_embeddings=1024)
@@ -85,14 +86,14 @@ def _train_steps(model, tok, texts, steps, lr=1e-2):
     model.eval()
 
 
-def test_run_dir_eval_saved_adapter_matches_in_memory(tmp_path, capsys):
+@pytest.mark.slow
+def test_run_dir_eval_saved_adapter_matches_in_memory(tmp_path, capsys, tiny_models, tiny_tok):
+    from transformers import AutoModelForCausalLM
+
     from disel.methods.registry import build_model
 
-    tok = tiny_tokenizer(128)
-    base_dir = tmp_path / "base"
-    tiny_model("llama", vocab_size=128).save_pretrained(base_dir)
-    tok.save_pretrained(base_dir)
-    from transformers import AutoModelForCausalLM
+    tok = tiny_tok
+    base_dir = tiny_models.saved("llama")  # the tiny llama and its tokenizer, saved once per session
 
     model = build_model(
         AutoModelForCausalLM.from_pretrained(base_dir), "disel", rank=4, options={"gate_bias_init": 0.0}

@@ -48,23 +48,22 @@ def test_humaneval_generation_target_runs_end_to_end():
     assert m["pass@1"] == 0.0  # a random tiny model writes no working code
 
 
-def test_evaluate_run_of_a_full_fine_tuning_run(tmp_path):
+@pytest.mark.slow
+def test_evaluate_run_of_a_full_fine_tuning_run(tmp_path, tiny_models):
     """A full fine-tuning run dir holds whole models per checkpoint; each loads and scores, delta vs base."""
     from disel.evaluation import evaluate_run
     from disel.results import ResultsStore
     from disel.training.config import config_from_dict
     from disel.training.runner import train
 
-    tok = tiny_tokenizer(128)
-    tiny_model("llama", vocab_size=len(tok)).save_pretrained(tmp_path / "base")
-    tok.save_pretrained(tmp_path / "base")
+    base = tiny_models.saved("llama")  # the tiny llama and its tokenizer, saved once per session
     data = tmp_path / "text.jsonl"
     data.write_text(
         "".join(json.dumps({"text": f"def f{i}(x):\n    return x + {i}\n"}) + "\n" for i in range(16))
     )
     cfg = config_from_dict(
         {
-            "model": {"name": str(tmp_path / "base")},
+            "model": {"name": str(base)},
             "method": {"name": "full"},
             "data": {"format": "text", "train": str(data), "max_length": 32},
             "training": {"max_steps": 2, "per_device_batch_size": 8, "save_steps": 1, "lr": 1e-2},

@@ -210,6 +210,7 @@ def saved_adapter(tmp_path_factory):
     return d
 
 
+@pytest.mark.slow
 def test_gates_cli_writes_json_figures_and_auroc(saved_adapter, tmp_path, capsys):
     a = tmp_path / "a.txt"
     a.write_text("12+34=46\n7*8=56\n" * 30, encoding="utf-8")

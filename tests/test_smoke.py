@@ -2,12 +2,14 @@ import subprocess
 import sys
 
 import peft
+import pytest
 import torch
 
 import disel
 from disel.testing import tiny_model
 
 
+@pytest.mark.slow
 def test_init_equals_base_and_cli_lists_methods():
     model = tiny_model("llama")
     x = torch.randint(0, 128, (2, 7))

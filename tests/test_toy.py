@@ -105,6 +105,7 @@ def test_bayes_gate_is_the_gaussian_posterior_and_minimises_the_loss():
         assert realised[k] == pytest.approx(bayes[k], rel=1e-9)
 
 
+@pytest.mark.slow
 def test_learned_methods_reach_the_theory_at_small_size():
     result = toy.run_toy(ToyConfig(**SMALL, seed=0))
     best, bayes = result["theory"]["best_fixed"], result["theory"]["bayes"]
