@@ -66,14 +66,12 @@ ROWS: dict[str, Row] = {
         options={"corda": {"progress": False}},
         init_atol=1e-4,
         load_atol=1e-4,
-        xfail={"roberta": CORDA_SEQ_CLS},
     ),
     "corda++": Row(
         calibration=True,
         options={"corda": {"progress": False}},
         init_atol=1e-4,
         load_atol=1e-4,
-        xfail={"roberta": CORDA_SEQ_CLS},
     ),
     "disel+corda": Row(calibration=True, options={"disel+corda": {"progress": False}}),
 }

@@ -28,6 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "compact": ("disel.commands.compact", "Drop closed gates and fold open ones into a mergeable part."),
     "bench": ("disel.commands.bench", "Time DISeL against LoRA on this machine."),
     "methods": ("disel.commands.methods", "List the registered fine-tuning methods."),
+    "lm-eval": ("disel.commands.lm_eval", "Run lm-eval's command line with DISeL adapters loadable."),
 }
 
 

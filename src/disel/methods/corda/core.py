@@ -119,6 +119,9 @@ def resolve_targets(model: nn.Module, o: MethodOptions) -> dict[str, nn.Module]:
     )
     cfg = _maybe_include_all_linear_layers(cfg, model)
     skip = set(o.modules_to_save or [])
+    if (o.task_type or "").upper() == "SEQ_CLS":
+        # PEFT trains the new head whole (modules_to_save): not a CorDA target
+        skip |= {"classifier", "score"}
     out = {}
     for name, mod in model.named_modules():
         if not isinstance(mod, (nn.Linear, Conv1D)):

@@ -11,12 +11,15 @@ with D = ``lora_A`` (r x d_in), U = ``lora_B`` (d_out x r), W_g (r x d_in) and b
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Literal
+from dataclasses import InitVar, dataclass, field
+from typing import Any, Literal
 
 from peft import LoraConfig
 
-PEFT_TYPE = "DISEL"
+from ..model_card import REQUIRES_HINT, PeftTypeName, write_model_card
+
+# A str with .value/.name like PEFT's PeftType members (transformers and PEFT read peft_type.value)
+PEFT_TYPE = PeftTypeName("DISEL")
 
 _LORA_VARIANT_FIELDS = {
     "use_dora": False,
@@ -94,6 +97,10 @@ class DiselConfig(LoraConfig):
         },
     )
 
+    # Written into adapter_config.json (see :meth:`to_dict`) for whoever opens it after a failed load; read
+    # back and ignored. An init-only variable, so it is no option of the method.
+    requires: InitVar[str | None] = None
+
     def static_rank_for(self, module_name: str) -> int:
         """Number of ungated leading components of the adapter on ``module_name`` (0 if none)."""
         if not self.static_rank_pattern or not module_name:
@@ -103,10 +110,19 @@ class DiselConfig(LoraConfig):
         key = get_pattern_key(list(self.static_rank_pattern), module_name)
         return int(self.static_rank_pattern.get(key, 0))
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, requires: str | None = None) -> None:
         super().__post_init__()
         self.peft_type = PEFT_TYPE
         self._validate_gate_fields()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**super().to_dict(), "requires": REQUIRES_HINT}
+
+    def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
+        """PEFT's save (``adapter_config.json``), then the adapter's model card (README.md): PEFT saves the
+        config after writing its own card, so every ``PeftModel.save_pretrained`` ends with disel's card."""
+        super().save_pretrained(save_directory, **kwargs)
+        write_model_card(save_directory)
 
     def _validate_gate_fields(self) -> None:
         def bad(name: str, value: object, fix: str) -> ValueError:

@@ -8,11 +8,15 @@ each block computes one routing alpha per sequence. docs/queryable.md lists ever
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
+from typing import Any
 
 from peft import LoraConfig
 
-PEFT_TYPE = "QUERYABLE"
+from ..model_card import REQUIRES_HINT, PeftTypeName, write_model_card
+
+# A str with .value/.name like PEFT's PeftType members (transformers and PEFT read peft_type.value)
+PEFT_TYPE = PeftTypeName("QUERYABLE")
 
 
 @dataclass
@@ -47,7 +51,18 @@ class QueryableConfig(LoraConfig):
         },
     )
 
-    def __post_init__(self) -> None:
+    # Written into adapter_config.json for whoever opens it after a failed load; read back and ignored.
+    requires: InitVar[str | None] = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**super().to_dict(), "requires": REQUIRES_HINT}
+
+    def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
+        """PEFT's save (``adapter_config.json``), then the adapter's model card (README.md)."""
+        super().save_pretrained(save_directory, **kwargs)
+        write_model_card(save_directory)
+
+    def __post_init__(self, requires: str | None = None) -> None:
         super().__post_init__()
         self.peft_type = PEFT_TYPE
 
