@@ -29,6 +29,7 @@ from torch import nn
 
 from ..data.sources import read_texts
 from ..errors import UserError
+from ..methods.model_card import write_model_card
 from ..methods.registry import get_method
 from ..rundir import (
     CHECKPOINT_STATE,
@@ -509,6 +510,8 @@ def _train_locked(
         spec.export(trainer.model, final_tmp / EXPORT_DIR)
     if main:
         tokenizer.save_pretrained(str(final_tmp))
+        if (final_tmp / "adapter_config.json").is_file():  # the card says which recipe made the adapter
+            write_model_card(final_tmp, method=cfg.method.name, recipe=_recipe(cfg, global_step))
         fsync_tree(final_tmp)
         final = run_dir / FINAL_DIR
         if final.exists():
@@ -556,6 +559,26 @@ def _record(cfg: Config, info: dict[str, Any], store: Any | None, sweep: str | N
 
         store = ResultsStore(cfg.results_path)
     store.put("run", run_key(cfg), store_record(cfg, info, sweep or info.get("sweep")))
+
+
+def _recipe(cfg: Config, steps: int) -> dict[str, Any]:
+    """What the model card shows of the run: its data and training recipe, and its fingerprint."""
+    d, t = cfg.data, cfg.training
+    return {
+        "data": {"train": d.train, "format": d.format, "template": d.template, "max_length": d.max_length},
+        "training": {
+            "steps": steps,
+            "lr": effective_lr(cfg),
+            "gate_lr": t.gate_lr,
+            "scheduler": t.scheduler,
+            "warmup_ratio": t.warmup_ratio,
+            "per_device_batch_size": t.per_device_batch_size,
+            "weight_decay": t.weight_decay,
+            "seed": t.seed,
+        },
+        "method_options": cfg.method.options,
+        "fingerprint": cfg.fingerprint(),
+    }
 
 
 def _checkpoint_loss_sum(checkpoint: str) -> float:
