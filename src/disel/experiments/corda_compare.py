@@ -1,8 +1,8 @@
 """A small comparison on the shipped demo model: CorDA (KPM, IPM) and CorDA++ beside LoRA and DISeL.
 
-Every method gets the same fine-tuning (the demo's arithmetic word problems, the demo's optimizer and
-schedule, same seed); reported are target NLL (held-out problems), exact-match accuracy, and retention NLL
-on held-out stdlib text (the demo model's pretraining domains), all with ``disel.evaluation.token_nll``.
+Every method gets the same fine-tuning (arithmetic word problems, the demo's recipe through the shared
+training core ``disel.training.fit``, same seed); reported are target NLL (held-out problems), exact-match
+accuracy, and retention NLL on held-out stdlib text (the demo model's pretraining domains), all with ``disel.evaluation.token_nll``.
 KPM calibrates on pretraining-domain text (what must be kept), IPM on the task's training problems.
 
 Run: ``python -m disel.experiments.corda_compare --out DIR [--steps 150]``.
@@ -105,7 +105,8 @@ def run(out_dir: Path, steps: int, rank: int, n_calib: int, variants: list[str])
             with original_base(model):  # sanity: the recovered base is the base
                 row["recovered_base_retention_nll"] = evaluate(model)["retention_nll"]
             row["corda"] = corda_info(model).summary()
-        row["train_loss"] = finetune(model, train_rows, cfg, cfg.lr, tok.pad_token_id, desc=name)
+        fitted = finetune(model, train_rows, cfg, cfg.lr, tok.pad_token_id, method=method, desc=name)
+        row["train_loss"], row["final_train_loss"] = fitted.train_loss, fitted.final_loss
         row.update(evaluate(model))
         row["retention_delta_nll"] = row["retention_nll"] - results["base"]["retention_nll"]
         results[name] = row

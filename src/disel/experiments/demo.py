@@ -2,7 +2,8 @@
 
 A recipe over library components: the shipped model (``assets/demo_model``, made by
 ``scripts/pretrain_demo_model.py``), the arithmetic task (:mod:`disel.experiments.arith`), the method
-registry, DISeL's optimizer groups, and the evaluation primitives (greedy exact match for the target, token
+registry, the shared training core (:func:`disel.training.fit.fit`: the Trainer glue of ``disel train``,
+with each method's callbacks), and the evaluation primitives (greedy exact match for the target, token
 NLL on held-out stdlib docstrings and source for retention). Gate values are recorded with forward hooks on
 the ``DiselGate`` modules.
 """
@@ -21,14 +22,13 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..assets import demo_model_dir, load_demo_model
 from ..errors import UserError
 from ..evaluation.lm import greedy_generate, token_nll
 from ..methods import build_model, get_method
 from ..methods.gated_lora.layer import DiselGate
-from ..training.optim import build_optimizer
+from ..training.fit import FitResult, fit
 from ..utils.io import atomic_dir, atomic_write_json, atomic_write_text, save_figure
 from ..utils.threads import torch_threads
 from .arith import arith_problems, encode_sft, exact_match
@@ -118,36 +118,32 @@ def _collate(rows: list[dict[str, list[int]]], pad_id: int) -> dict[str, torch.T
 
 
 def finetune(
-    model: nn.Module, rows: list[dict[str, list[int]]], cfg: DemoConfig, lr: float, pad_id: int, desc: str
-) -> float:
-    """AdamW (DISeL's groups: gates at their own LR, no decay), linear warmup then cosine; returns last loss."""
-    opt = build_optimizer(model, lr=lr, weight_decay=cfg.weight_decay)
-    base_lrs = [g["lr"] for g in opt.param_groups]
-    regularizers: list[Callable[[], torch.Tensor]] = list(getattr(model, "_disel_regularizers", []) or [])
-    adalora = getattr(getattr(model, "base_model", None), "update_and_allocate", None)
-    rng = random.Random(cfg.seed)
-    model.train()
-    loss_value = float("nan")
-    bar = tqdm(range(cfg.steps), desc=desc, leave=False)
-    for step in bar:
-        warm = min(1.0, (step + 1) / max(1, cfg.warmup_steps))
-        decay = 0.5 * (1 + math.cos(math.pi * step / max(1, cfg.steps)))
-        for g, base in zip(opt.param_groups, base_lrs, strict=True):
-            g["lr"] = base * warm * decay
-        batch = _collate(rng.sample(rows, min(cfg.batch_size, len(rows))), pad_id)
-        loss = model(**batch).loss
-        for reg in regularizers:
-            loss = loss + reg()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
-        opt.step()
-        if callable(adalora):
-            adalora(step)
-        opt.zero_grad(set_to_none=True)
-        loss_value = loss.item()
-        bar.set_postfix(loss=f"{loss_value:.3f}")
-    model.eval()
-    return loss_value
+    model: nn.Module,
+    rows: list[dict[str, list[int]]],
+    cfg: DemoConfig,
+    lr: float,
+    pad_id: int,
+    method: str | None = None,
+    desc: str = "train",
+) -> FitResult:
+    """The demo's fine-tuning through the shared training core (:func:`disel.training.fit.fit`, the Trainer
+    glue of ``disel train``): ``cfg.steps`` steps of ``cfg.batch_size`` problems, AdamW over DISeL's groups
+    (gates at their own LR, no decay), warmup then cosine, gradients clipped to 1, the model's regularisers
+    and ``method``'s callbacks (AdaLoRA's allocation, ...)."""
+    return fit(
+        model,
+        rows,
+        steps=cfg.steps,
+        batch_size=cfg.batch_size,
+        lr=lr,
+        warmup_steps=cfg.warmup_steps,
+        weight_decay=cfg.weight_decay,
+        max_grad_norm=1.0,
+        seed=cfg.seed,
+        method=method,
+        pad_token_id=pad_id,
+        desc=desc,
+    )
 
 
 def target_accuracy(model: nn.Module, tok: Any, problems: list, progress: bool = False) -> float:
@@ -295,7 +291,7 @@ def _run_demo(cfg: DemoConfig, out_dir: str | Path, log: Callable[[str], None]) 
         )
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         lr = cfg.lr_full if name == "full" else cfg.lr
-        loss = finetune(model, train, cfg, lr, tok.pad_token_id, desc=f"train {name}")
+        fitted = finetune(model, train, cfg, lr, tok.pad_token_id, method=name, desc=f"train {name}")
         acc = target_accuracy(model, tok, test)
         ret = retention(model, tok, held, cfg.retention_max_tokens)
         methods[name] = {
@@ -306,7 +302,8 @@ def _run_demo(cfg: DemoConfig, out_dir: str | Path, log: Callable[[str], None]) 
             "retention_ratio": math.exp(
                 sum(base_ret["domains"][d]["nll"] - ret["domains"][d]["nll"] for d in held) / len(held)
             ),
-            "train_loss": loss,
+            "train_loss": fitted.train_loss,  # mean over the run, as `disel train` records it
+            "final_train_loss": fitted.final_loss,
             "trainable_parameters": trainable,
             "lr": lr,
             "seconds": round(time.time() - t_m, 1),

@@ -47,24 +47,9 @@ def _windows(tokenizer: Any, texts: list[str], length: int) -> torch.Tensor:
     return torch.tensor(ids[: rows * length]).view(rows, length)
 
 
-def _train(
-    model: torch.nn.Module, data: torch.Tensor, steps: int, batch: int, opt, seed: int, desc: str
-) -> float:
-    from tqdm.auto import tqdm
-
-    g = torch.Generator().manual_seed(seed)
-    model.train()
-    loss = torch.tensor(float("nan"))
-    for _ in tqdm(range(steps), desc=desc, leave=False):
-        idx = torch.randint(0, data.shape[0], (batch,), generator=g)
-        x = data[idx]
-        loss = model(input_ids=x, labels=x).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for grp in opt.param_groups for p in grp["params"]], 1.0)
-        opt.step()
-    model.eval()
-    return float(loss.detach())
+def _examples(windows: torch.Tensor) -> list[dict[str, list[int]]]:
+    """One causal-LM training example (loss on every token) per packed window."""
+    return [{"input_ids": row, "labels": list(row)} for row in windows.tolist()]
 
 
 def build_trained_adapter(
@@ -85,7 +70,7 @@ def build_trained_adapter(
     from ..methods.gated_lora import DiselConfig
     from ..testing import tiny_model
     from ..testing_tokenizers import tiny_tokenizer
-    from ..training.optim import build_optimizer
+    from ..training.fit import fit
 
     workdir = Path(workdir)
     torch.manual_seed(seed)
@@ -94,29 +79,43 @@ def build_trained_adapter(
     model.config.bos_token_id, model.config.eos_token_id, model.config.pad_token_id = 1, 2, 0
     general = stdlib_docstrings("train")[:400] + stdlib_source_chunks("train")[:400]
     random.Random(seed).shuffle(general)
-    pre_loss = _train(
+    # both trainings go through the shared training core (the Trainer glue of `disel train`): AdamW, a short
+    # linear warmup then cosine, gradients clipped to 1
+    pre = fit(
         model,
-        _windows(tok, general, seq_len),
-        pretrain_steps,
-        batch,
-        torch.optim.AdamW(model.parameters(), lr=3e-3),
-        seed,
-        "pretrain",
+        _examples(_windows(tok, general, seq_len)),
+        steps=pretrain_steps,
+        batch_size=batch,
+        lr=3e-3,
+        warmup_steps=max(1, pretrain_steps // 20),
+        weight_decay=0.01,
+        seed=seed,
+        pad_token_id=tok.pad_token_id,
+        desc="pretrain",
     )
     model.save_pretrained(workdir / "base")
     tok.save_pretrained(workdir / "base")
     cfg = DiselConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear", gate_bias_init=-3.0)
     pm = peft.get_peft_model(model, cfg)
-    opt = build_optimizer(pm, lr=2e-3, gate_lr=1e-2)
-    ft_loss = _train(
-        pm, _windows(tok, arithmetic_texts(600, seed + 1), seq_len), finetune_steps, batch, opt, seed, "disel"
+    ft = fit(
+        pm,
+        _examples(_windows(tok, arithmetic_texts(600, seed + 1), seq_len)),
+        steps=finetune_steps,
+        batch_size=batch,
+        lr=2e-3,
+        gate_lr=1e-2,
+        warmup_steps=max(1, finetune_steps // 20),
+        seed=seed,
+        method="disel",
+        pad_token_id=tok.pad_token_id,
+        desc="disel",
     )
     pm.peft_config["default"].base_model_name_or_path = str(workdir / "base")
     pm.save_pretrained(workdir / "adapter")
     tok.save_pretrained(workdir / "adapter")
     return {
-        "pretrain_loss": pre_loss,
-        "finetune_loss": ft_loss,
+        "pretrain_loss": pre.final_loss,
+        "finetune_loss": ft.final_loss,
         "base": str(workdir / "base"),
         "adapter": str(workdir / "adapter"),
     }

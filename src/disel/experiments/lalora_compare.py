@@ -29,8 +29,9 @@ from ..methods.lalora.penalty import load_curvature, save_curvature
 from ..methods.registry import MethodOptions, build_model
 from ..testing import tiny_model
 from ..testing_tokenizers import tiny_tokenizer
+from ..training.fit import fit
 from ..utils.io import atomic_write_text
-from .lalora_sweep import train_plain, write_sweep
+from .lalora_sweep import batch_rows, train_plain, write_sweep
 
 
 def pack(
@@ -63,18 +64,19 @@ def pretrain(tok: Any, texts: list[str], steps: int, seed: int = 0) -> torch.nn.
         eos_token_id=2,
         pad_token_id=0,
     )
-    batches = pack(tok, texts, seq=64, bsz=16, n_batches=steps, seed=seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps, pct_start=0.1)
-    model.train()
-    for b in batches:
-        loss = model(**b).loss
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-    model.eval()
+    # one epoch of packed windows through the shared training core: AdamW (decay 0.01), 10% warmup, cosine
+    fit(
+        model,
+        batch_rows(pack(tok, texts, seq=64, bsz=16, n_batches=steps, seed=seed)),
+        steps=steps,
+        batch_size=16,
+        lr=3e-3,
+        warmup_steps=max(1, steps // 10),
+        weight_decay=0.01,
+        seed=seed,
+        pad_token_id=0,
+        desc="pretrain",
+    )
     for p in model.parameters():
         p.requires_grad_(False)
     return model
@@ -136,7 +138,7 @@ def run(
                 torch.manual_seed(seed)
                 model = build_model(copy.deepcopy(base), method, MethodOptions(rank=rank))
                 reg = load_curvature(model, cdir, lam=lam)
-                losses = train_plain(model, train, steps=ft_steps, lr=lr)
+                losses = train_plain(model, train, steps=ft_steps, lr=lr, seed=seed, method=method)
                 m = evaluate(model)
                 pt = {
                     "label": method if lam == 0 else f"{method}+lalora",

@@ -1,7 +1,8 @@
 """Lambda sweep: the learning/forgetting curve (target metric vs retention) that LaLoRA's lambda traces.
 
-Training here is a plain loop (AdamW over :func:`disel.build_optimizer`'s groups, the model's
-``_disel_regularizers`` added to the loss), so the curve can be drawn before and without the full pipeline.
+Training goes through the shared training core (:func:`disel.training.fit.fit`: the Trainer glue of
+``disel train``, the model's ``_disel_regularizers`` added to the loss) on batches already in memory, so the
+curve can be drawn without writing run directories.
 """
 
 from __future__ import annotations
@@ -15,8 +16,17 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import UserError
-from ..methods.lalora.penalty import regularizers
 from ..utils.io import atomic_write_json, save_figure
+
+
+def batch_rows(batches: Sequence[dict[str, Any]]) -> list[dict[str, list[int]]]:
+    """The rows of model-ready batches (tensors of equal width) as examples: dicts of int lists."""
+    rows: list[dict[str, list[int]]] = []
+    for b in batches:
+        keys = [k for k in ("input_ids", "attention_mask", "labels") if k in b]
+        cols = {k: (b[k].tolist() if torch.is_tensor(b[k]) else [list(r) for r in b[k]]) for k in keys}
+        rows += [{k: cols[k][i] for k in keys} for i in range(len(cols["input_ids"]))]
+    return rows
 
 
 def train_plain(
@@ -26,30 +36,37 @@ def train_plain(
     lr: float = 1e-3,
     gate_lr: float | None = None,
     progress: bool = False,
+    *,
+    warmup_steps: int = 0,
+    seed: int = 0,
+    method: str | None = None,
 ) -> list[float]:
-    """``steps`` optimizer steps over ``batches`` (cycled) with the task loss plus every regulariser.
+    """``steps`` optimizer steps on the rows of ``batches`` (epochs cycled, batches of the first's size),
+    through the shared training core :func:`disel.training.fit.fit`: the task loss plus every regulariser,
+    DISeL's groups, warmup then cosine, gradients clipped to 1; ``method`` adds its Trainer callbacks.
 
     Returns the task losses (without the penalty), one per step.
     """
-    from ..training.optim import build_optimizer
+    from ..training.fit import fit
 
     if steps < 1 or not batches:
         raise UserError(f"train_plain needs steps >= 1 and at least one batch (got steps={steps}).")
-    dev = next(model.parameters()).device
-    opt = build_optimizer(model, lr=lr, gate_lr=gate_lr)
-    regs = regularizers(model)
-    model.train()
-    losses = []
-    for step in tqdm(range(steps), desc="train", disable=not progress, leave=False):
-        batch = {k: v.to(dev) if torch.is_tensor(v) else v for k, v in batches[step % len(batches)].items()}
-        task = model(**batch).loss
-        loss = task + sum((r() for r in regs), torch.zeros((), device=dev))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(float(task.detach()))
-    model.eval()
-    return losses
+    rows = batch_rows(batches)
+    pad = getattr(getattr(model, "config", None), "pad_token_id", None)
+    result = fit(
+        model,
+        rows,
+        steps=steps,
+        batch_size=len(batches[0]["input_ids"]),
+        lr=lr,
+        gate_lr=gate_lr,
+        warmup_steps=warmup_steps,
+        seed=seed,
+        method=method,
+        pad_token_id=pad if isinstance(pad, int) else 0,
+        progress=progress,
+    )
+    return result.losses
 
 
 def lambda_sweep(
