@@ -7,7 +7,8 @@ always open (b_g = +12, W_g = 0), and the rest input-dependent gates (b_g = 0, r
 recorded on the benchmark input and compacted with the library (``plan_compaction``,
 ``add_compacted_adapter``, ``merge_static``), so what is timed is what ``disel compact`` produces.
 
-Contenders, timed interleaved (rotating order, medians, paired ratios with IQR):
+Contenders, timed interleaved (random order per round, medians, paired ratios with 95% confidence intervals
+of the median, :mod:`disel.utils.timing`):
 
 * ``disel``: the uncompacted adapter (fused kernel);
 * ``compact``: dropped + static + gated components (fused kernel with ``num_static``);
@@ -34,36 +35,21 @@ import disel
 from disel.analysis import GateRecorder, add_compacted_adapter, cost_report, plan_compaction
 from disel.commands.bench import (
     _interleave,
-    _runner,
+    _on_path,
     _summary,
     add_llama_arguments,
     bench_llama,
     machine_info,
+    synthetic_gates,
 )
 from disel.utils.io import atomic_write_json
+from disel.utils.timing import format_interval
 
 
 def synthetic_disel(base: torch.nn.Module, r: int, closed: float, opened: float, seed: int) -> peft.PeftModel:
     """DISeL adapter on every linear layer with a fixed fraction of closed / open / input-dependent gates."""
     pm = peft.get_peft_model(base, disel.DiselConfig(r=r, lora_alpha=2 * r, target_modules="all-linear"))
-    gen = torch.Generator().manual_seed(seed)
-    n_closed, n_open = round(closed * r), round(opened * r)
-    with torch.no_grad():
-        for _, mod in pm.named_modules():
-            if not isinstance(mod, disel.DiselLinear):
-                continue
-            b = mod.lora_B["default"].weight
-            b.copy_(torch.randn(b.shape, generator=gen) * 0.02)
-            g = mod.lora_gate["default"]
-            perm = torch.randperm(r, generator=gen)
-            g.weight.copy_(torch.randn(g.weight.shape, generator=gen) * g.weight.shape[1] ** -0.5)
-            g.bias.zero_()
-            for i in perm[:n_closed].tolist():
-                g.weight[i].zero_()
-                g.bias[i] = -12.0
-            for i in perm[n_closed : n_closed + n_open].tolist():
-                g.weight[i].zero_()
-                g.bias[i] = 12.0
+    synthetic_gates(pm, closed, opened, seed)
     return pm.eval()
 
 
@@ -122,8 +108,8 @@ def main(argv: list[str] | None = None) -> int:
         with torch.no_grad():
             m(input_ids=ids)
 
-    runners = {n: _runner(m, ref, (lambda m=m: forward(m)), "cpu") for n, (m, ref) in models.items()}
-    times = _interleave(runners, args.repeats, warmup=1)
+    fns = {n: _on_path(ref, lambda m=m: forward(m)) for n, (m, ref) in models.items()}
+    times = _interleave(fns, args.repeats, warmup=1)
     vs_disel, vs_base = _summary(times, "disel"), _summary(times, "base")
     med = {n: statistics.median(t) for n, t in times.items()}
     overhead = med["disel"] - med["base"]
@@ -155,13 +141,14 @@ def main(argv: list[str] | None = None) -> int:
         f"max |logit diff|: compact vs disel {fidelity['compact_vs_disel_max_abs_logit_diff']:.2e}, "
         f"merged vs compact {fidelity['merged_vs_compact_max_abs_logit_diff']:.2e}"
     )
-    print("| contender | forward | × DISeL [IQR] | × base [IQR] | adapter overhead × DISeL's |")
+    ci = f"{vs_disel['lora']['ratio_ci_level']:.0%} CI"
+    print(f"| contender | forward | × DISeL [{ci}] | × base [{ci}] | adapter overhead × DISeL's |")
     print("|---|---|---|---|---|")
     for n in models:
         a, b = vs_disel[n], vs_base[n]
         print(
-            f"| {n} | {1000 * med[n]:.1f} ms | {a['ratio']:.3f} [{a['ratio_q25']:.3f}, {a['ratio_q75']:.3f}] | "
-            f"{b['ratio']:.3f} [{b['ratio_q25']:.3f}, {b['ratio_q75']:.3f}] | "
+            f"| {n} | {1000 * med[n]:.1f} ms | {format_interval(a['interval'])} | "
+            f"{format_interval(b['interval'])} | "
             f"{res['adapter_overhead_vs_disel'][n]:.2f} |"
         )
     if args.out:

@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from disel.commands.bench import benchmark_layer, format_table, headline, machine_info
 from disel.utils.io import atomic_write_json, atomic_write_text
+from disel.utils.timing import format_interval
 
 # (d, r, tokens): small to Llama-7B-like (d = 4096, r up to 256, several thousand tokens)
 SHAPES = {
@@ -37,8 +38,8 @@ def markdown(rows: list[dict]) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
 
-    def cell(v: dict) -> str:
-        return f"{v['ratio']:.3f} [{v['ratio_q25']:.3f}, {v['ratio_q75']:.3f}]"
+    def cell(v: dict) -> str:  # median paired ratio [95% confidence interval]
+        return format_interval(v["interval"])
 
     lines = []
     for res in rows:

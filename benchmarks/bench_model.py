@@ -1,105 +1,70 @@
-"""Model-level benchmark: a randomly initialised Llama-style decoder with adapters on every linear layer.
+"""Model-level benchmark: a causal LM with adapters on every linear layer, every variant in one process.
 
-Times training steps (causal-LM loss, forward + backward) and inference forwards of DISeL (fused), the naive
-gated layer, PEFT LoRA (unmerged / merged) and DoRA, interleaved in one process; measures training memory
-(parameters + gradients + unique saved-for-backward storages, and CUDA peak when on GPU). Nothing is
-downloaded: the model is built from a config.
+Training step (causal-LM loss, forward + backward), forward and greedy generation with the KV cache of the
+frozen base, PEFT LoRA (unmerged, merged), DoRA, DISeL, a compacted DISeL adapter and the compacted adapter
+with its static part merged; interleaved rounds, median paired ratios vs unmerged LoRA with 95% confidence
+intervals; training-step peak memory. This is ``disel bench --model`` with the model's shape as options
+(nothing is downloaded: ``--hidden/--layers/--vocab`` build a random Llama-style model from a config).
 
-    python benchmarks/bench_model.py --hidden 1024 --layers 2 --tokens 512
+    python benchmarks/bench_model.py                                   # tiny-llama: hidden 512, 4 layers
+    python benchmarks/bench_model.py --hidden 1024 --layers 2 --vocab 2048 --r 64 --tokens 512
+    python benchmarks/bench_model.py --model path/to/local/model --threads 1
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
-from disel.commands.bench import (
-    _interleave,
-    _runner,
-    _summary,
-    adapt_contenders,
-    add_llama_arguments,
-    bench_llama,
-    machine_info,
-    saved_bytes,
-)
+from disel.commands.bench import MODEL_PRESETS, bench_llama, benchmark_model, format_model_table
 from disel.utils.io import atomic_write_json
-
-
-def build(
-    args: argparse.Namespace, device: str, dtype: torch.dtype
-) -> dict[str, tuple[torch.nn.Module, bool]]:
-    torch.manual_seed(0)
-    base = bench_llama(args.hidden, args.layers, args.vocab, args.tokens).to(device=device, dtype=dtype)
-    return adapt_contenders(base, args.r, "all-linear")
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_llama_arguments(p, tokens=512)
-    p.add_argument("--repeats", type=int, default=9)
+    p.add_argument("--model", default="tiny-llama", help=f"{' | '.join(MODEL_PRESETS)} | a model directory.")
+    p.add_argument("--hidden", type=int, default=None, help="Random Llama of this width (with --layers).")
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--vocab", type=int, default=4096)
+    p.add_argument("--r", type=int, default=16)
+    p.add_argument("--tokens", type=int, default=256)
+    p.add_argument("--prompt-tokens", type=int, default=16)
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=15)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--closed", type=float, default=0.5)
+    p.add_argument("--open", type=float, default=0.25)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--out", default="benchmarks/results/model.json")
+    p.add_argument("--out", default=None, help="JSON file (default benchmarks/results/model_<...>.json).")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = args.device
-    dtype = torch.float32 if device == "cpu" else torch.bfloat16
-    models = build(args, device, dtype)
-    ids = torch.randint(0, args.vocab, (1, args.tokens), generator=torch.Generator().manual_seed(1)).to(
-        device
+    model: str | torch.nn.Module = args.model
+    tag = Path(args.model).name
+    if args.hidden:
+        torch.manual_seed(0)
+        model = bench_llama(args.hidden, args.layers, args.vocab, args.tokens)
+        tag = f"llama_h{args.hidden}_l{args.layers}"
+    res = benchmark_model(
+        model=model,
+        r=args.r,
+        tokens=args.tokens,
+        prompt_tokens=args.prompt_tokens,
+        new_tokens=args.new_tokens,
+        dtype="fp32" if args.device == "cpu" else "bf16",
+        device=args.device,
+        repeats=args.repeats,
+        warmup=args.warmup,
+        closed=args.closed,
+        opened=args.open,
     )
-
-    def train_step(m: torch.nn.Module) -> None:
-        m.zero_grad(set_to_none=True)
-        m(input_ids=ids, labels=ids).loss.backward()
-
-    def forward(m: torch.nn.Module) -> None:
-        with torch.no_grad():
-            m(input_ids=ids)
-
-    train_names = ("lora", "dora", "naive", "disel")
-    res: dict = {
-        "shape": {**vars(args), "dtype": str(dtype)},
-        "machine": machine_info(),
-    }
-    for mode, names, fn in (("train", train_names, train_step), ("infer", tuple(models), forward)):
-        runners = {
-            n: _runner(models[n][0], models[n][1], (lambda m=models[n][0], fn=fn: fn(m)), device)
-            for n in names
-        }
-        print(f"{mode}: {args.repeats} interleaved rounds", file=sys.stderr)
-        times = _interleave(runners, args.repeats, warmup=1)
-        res[mode] = _summary(times, "lora")
-    mem = {}
-    for n in tqdm(train_names, desc="memory", file=sys.stderr):
-        m, ref = models[n]
-        mem[n] = saved_bytes(m, ids, ref)
-        if device == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            start = torch.cuda.memory_allocated()
-            runner = _runner(m, ref, (lambda m=m: train_step(m)), device)
-            runner()
-            mem[n]["cuda_peak"] = torch.cuda.max_memory_allocated() - start
-    res["memory"] = {n: {**v, "ratio": v["total"] / mem["lora"]["total"]} for n, v in mem.items()}
-    if device == "cuda":
-        for n in mem:
-            res["memory"][n]["cuda_peak_ratio"] = mem[n]["cuda_peak"] / mem["lora"]["cuda_peak"]
-    for mode in ("train", "infer"):
-        for n, v in res[mode].items():
-            extra = f"  memory x LoRA {res['memory'][n]['ratio']:.3f}" if mode == "train" else ""
-            print(
-                f"{mode:<6}{n:<12}{v['median_s'] * 1e3:9.1f} ms  x LoRA {v['ratio']:.3f} "
-                f"[{v['ratio_q25']:.3f}, {v['ratio_q75']:.3f}]{extra}"
-            )
-    atomic_write_json(args.out, res)
-    print(f"wrote {Path(args.out)}")
+    print(format_model_table(res))
+    out = args.out or f"benchmarks/results/model_{tag}_{args.device}_threads{torch.get_num_threads()}.json"
+    atomic_write_json(out, res)
+    print(f"wrote {out}")
     return 0
 
 
