@@ -112,7 +112,8 @@ def test_torchrun_two_cpu_processes_are_one_ddp_job(tmp_path):
     assert r0["world"] == r1["world"] == 2 and r0["trainer_world"] == r1["trainer_world"] == 2
     assert r0["init"] == r1["init"]  # same seed, same adapter init
     assert len(r0["batches"]) >= 3 and len(r1["batches"]) >= 3  # (the loader may prefetch one more)
-    assert not set(r0["batches"][:3]) & set(r1["batches"][:3])  # each rank its own shard of every global batch
+    # each rank its own shard of every global batch
+    assert not set(r0["batches"][:3]) & set(r1["batches"][:3])
     assert r0["final"] == r1["final"] != r0["init"]  # gradients all-reduced: the ranks stayed in sync
     info = json.loads((tmp_path / "runs" / "disel-r2-s0" / "run.json").read_text())
     assert (

@@ -103,7 +103,8 @@ def test_optim_and_push_to_hub_reach_the_trainer(tmp_path, monkeypatch):
 
     class Spy(TrainerCallback):
         def on_train_begin(self, args, state, control, optimizer=None, **kw):
-            seen["optimizer"] = type(getattr(optimizer, "optimizer", optimizer))  # inside accelerate's wrapper
+            # the Trainer's optimizer, inside accelerate's wrapper
+            seen["optimizer"] = type(getattr(optimizer, "optimizer", optimizer))
 
     cfg = config_from_dict(
         {
