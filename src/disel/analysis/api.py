@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -183,10 +184,11 @@ def compact_adapter(
         add_compacted_adapter,
         cost_report,
         fidelity,
-        interleaved_timing,
+        interleaved_times,
         plan_compaction,
         save_adapter,
         save_merged,
+        speedup_interval,
     )
 
     out = Path(out_dir)
@@ -234,8 +236,10 @@ def compact_adapter(
     }
     if timing_repeats > 0 and held_batches:
         ids, att, _ = held_batches[0]
-        t = interleaved_timing(model, ids, att, ["default", "compact"], repeats=timing_repeats)
+        rounds = interleaved_times(model, ids, att, ["default", "compact"], repeats=timing_repeats)
+        t = {n: statistics.median(v) for n, v in rounds.items()}
         report["timing_s"] = t
+        report["speedup_forward_interval"] = speedup_interval(rounds)
         report["speedup_adapter_overhead"] = (t["default"] - t["base"]) / max(t["compact"] - t["base"], 1e-9)
         report["speedup_forward"] = t["default"] / t["compact"]
     if merge_static:

@@ -264,8 +264,24 @@ def fidelity(
 def interleaved_timing(
     peft_model: nn.Module, ids: torch.Tensor, att: torch.Tensor, adapters: list[str], repeats: int = 20
 ) -> dict[str, float]:
-    """Median forward time (seconds) of each adapter (and "base", adapters off) on one batch, with the
-    variants run in alternating order within each repeat so drifts in machine load hit all of them alike."""
+    """Median forward time (seconds) of each adapter and of "base" (see :func:`interleaved_times`)."""
+    return {
+        n: statistics.median(t) for n, t in interleaved_times(peft_model, ids, att, adapters, repeats).items()
+    }
+
+
+def speedup_interval(times: dict[str, list[float]], slow: str = "default", fast: str = "compact") -> dict:
+    """The paired-round ratio ``slow / fast`` with its confidence interval (``disel.utils.timing``)."""
+    from ..utils.timing import ratio_interval
+
+    return ratio_interval(times[slow], times[fast])
+
+
+def interleaved_times(
+    peft_model: nn.Module, ids: torch.Tensor, att: torch.Tensor, adapters: list[str], repeats: int = 20
+) -> dict[str, list[float]]:
+    """Forward times (seconds, one per round) of each adapter (and "base", adapters off) on one batch, with
+    the variants run in alternating order within each round so drifts in machine load hit all of them alike."""
     active = peft_model.active_adapter
     dev = next(peft_model.parameters()).device
     ids, att = ids.to(dev), att.to(dev)
@@ -295,7 +311,7 @@ def interleaved_timing(
         for n in order:
             times[n].append(run(n))
     peft_model.set_adapter(active)
-    return {n: statistics.median(t) for n, t in times.items()}
+    return times
 
 
 @torch.no_grad()

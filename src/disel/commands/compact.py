@@ -83,8 +83,18 @@ def run(args: argparse.Namespace) -> int:
         f"kept gated: {c['gated']}  layers removed: {c['layers_removed']}/{c['layers']}"
     )
     print(json.dumps({k: report[k] for k in ("cost", "fidelity") if k in report}, indent=1))
-    if "timing_s" in report:
-        print(f"forward speed-up {report['speedup_forward']:.3f}x (timings {report['timing_s']})")
+    if "speedup_forward_interval" in report:
+        from ..utils.timing import format_interval
+
+        iv = report["speedup_forward_interval"]
+        if iv["ci_low"] <= 1.0 <= iv["ci_high"]:
+            print(
+                f"forward speed-up not measurable: {format_interval(iv)}x includes 1 (noise on this machine)"
+            )
+        else:
+            print(
+                f"forward speed-up {format_interval(iv)}x (median [{iv['ci_level']:.0%} interval], {iv['n']} rounds)"
+            )
     if "speedup_forward_merged" in report:
         print(f"forward speed-up with the static part merged {report['speedup_forward_merged']:.3f}x")
     if args.merge_static:
