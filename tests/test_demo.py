@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 
@@ -145,3 +146,126 @@ def test_demo_records_the_gates_of_a_combined_method_when_plain_disel_is_absent(
     assert main(["demo", "--quick", "--out", str(out2), "--methods", "lora", "--steps", "2"]) == 0
     res2 = json.loads((out2 / "results.json").read_text())
     assert res2["gates"] == {} and res2["gates_method"] is None and not (out2 / "gates.png").exists()
+
+
+def test_checkpoint_evaluation_does_not_change_training():
+    """Evaluating inside training (eval mode, RNG consumed by the evaluation) leaves the losses identical,
+    records the asked steps, and hands the model back in train mode."""
+    import random
+
+    import numpy as np
+    import torch
+    from transformers import TrainerCallback
+
+    from disel.experiments.arith import arith_problems, encode_sft
+    from disel.experiments.demo import checkpoint_callback, checkpoint_steps
+    from disel.methods import build_model
+    from disel.training.fit import fit
+
+    base, tok = load_demo_model()
+    rows = encode_sft(
+        arith_problems("train", 20, 0, 9, holdout="question", style="short", template="qa"), tok
+    )
+    assert checkpoint_steps(12, 4) == [4, 8] and checkpoint_steps(12, 0) == []
+
+    class Modes(TrainerCallback):
+        def __init__(self, model):
+            self.model, self.modes = model, []
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.modes.append(self.model.training)
+
+    def train(with_eval: bool):
+        torch.manual_seed(0)
+        model = build_model(copy.deepcopy(base), "disel", rank=4, target_modules="all-linear")
+        seen = []
+
+        def evaluate(m):
+            seen.append(m.training)
+            torch.rand(100), random.random(), np.random.rand()  # an evaluation that draws random numbers
+            return {"target_accuracy": 0.0, "retention": float(sum(p.sum() for p in m.parameters()))}
+
+        modes = Modes(model)
+        cbs = [modes, checkpoint_callback(model, [3, 6], evaluate)] if with_eval else [modes]
+        # 20 examples, batches of 8, 9 steps: several epochs, each reshuffled from the RNG
+        res = fit(model, rows, steps=9, batch_size=8, lr=3e-3, seed=0, progress=False, callbacks=cbs)
+        return res, cbs, seen, modes.modes
+
+    plain, _, _, _ = train(False)
+    evald, cbs, seen, modes = train(True)
+    assert evald.losses == plain.losses
+    assert [p["step"] for p in cbs[1].points] == [3, 6]
+    assert seen == [False, False] and all(modes) and len(modes) == 9
+    assert cbs[1].points[0]["retention"] != cbs[1].points[1]["retention"]  # evaluated the moving model
+
+
+def test_demo_frontier_seeds_and_ranks(tmp_path):
+    """--seeds and --ranks: a path per run (step 0, every --eval-every, the end), the matched-accuracy
+    summary and the rank table, both plots, and the report's sentences from the same numbers."""
+    from disel.experiments import frontier
+
+    out = tmp_path / "demo"
+    args = ["demo", "--quick", "--out", str(out), "--seeds", "0,1", "--ranks", "2,4", "--steps", "12"]
+    assert main([*args, "--eval-every", "5"]) == 0
+    res = json.loads((out / "results.json").read_text())
+    for name in ("tradeoff.png", "retention_over_steps.png", "rank.png", "gates.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    assert res["seeds"] == [0, 1] and res["ranks"] == [2, 4]
+    runs = res["runs"]
+    assert sorted((r["seed"], r["rank"], r["method"]) for r in runs) == sorted(
+        (s, k, m) for s in (0, 1) for k in (2, 4) for m in ("lora", "disel")
+    )
+    b = res["base"]["retention"]
+    for r in runs:
+        assert [p["step"] for p in r["path"]] == [0, 5, 10, 12]
+        assert r["path"][-1]["retention"] == r["retention"]
+        assert r["path"][-1]["target_accuracy"] == r["target_accuracy"]
+        # LoRA's B starts at zero and DISeL's gates at sigmoid(-5): step 0 is (nearly) the base model
+        assert r["path"][0]["retention"] == pytest.approx(b, rel=1e-2)
+    assert res["methods"]["lora"]["rank"] == 2 and res["methods"]["lora"]["seed"] == 0
+    fr = res["frontier"]["by_rank"]["4"]
+    paths = {
+        m: {
+            r["seed"]: [(p["target_accuracy"], p["retention"]) for p in r["path"]]
+            for r in runs
+            if r["rank"] == 4 and r["method"] == m
+        }
+        for m in ("lora", "disel")
+    }
+    again = frontier.summarize(paths, b)
+    assert fr["accuracy"] == pytest.approx(again["accuracy"])
+    assert fr["sentence"] == again["sentence"]
+    report = (out / "report.md").read_text()
+    assert f"**{fr['sentence']}**" in report and "## Forgetting against rank" in report
+    rank = res["frontier"]["rank"]
+    assert set(rank["methods"]) == {"lora", "disel"} and set(rank["methods"]["lora"]) == {"2", "4"}
+    lora4 = rank["methods"]["lora"]["4"]
+    ends = [b - r["retention"] for r in runs if r["rank"] == 4 and r["method"] == "lora"]
+    assert lora4["forgetting_end"]["mean"] == pytest.approx(sum(ends) / 2)
+    assert lora4["trainable_parameters"] > rank["methods"]["lora"]["2"]["trainable_parameters"]
+    assert f"**{rank['sentence']}**" in report
+
+
+@pytest.mark.parametrize(
+    "flag",
+    [
+        ["--seeds", "0,0"],
+        ["--seeds", "x"],
+        ["--seeds", "0"],
+        ["--ranks", "4,0"],
+        ["--eval-every", "-1"],
+        ["--matched-accuracy", "1.5"],
+    ],
+)
+def test_demo_rejects_bad_frontier_flags(tmp_path, flag):
+    assert main(["demo", "--quick", "--out", str(tmp_path / "z"), *flag]) == 2
+    assert not (tmp_path / "z").exists()
+
+
+def test_rank_scaled_lr():
+    from disel.experiments.demo import DemoConfig, method_lr
+
+    cfg = DemoConfig(rank=32, rank_scaled_lr=True)
+    assert method_lr("lora", cfg) == pytest.approx(cfg.lr * 0.5)
+    assert method_lr("full", cfg) == cfg.lr_full
+    assert method_lr("lora", DemoConfig(rank=32)) == cfg.lr

@@ -16,7 +16,7 @@ import math
 import random
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ from ..methods.gated_lora.layer import DiselGate
 from ..training.fit import FitResult, fit
 from ..utils.io import atomic_dir, atomic_write_json, atomic_write_text, save_figure
 from ..utils.threads import torch_threads
+from . import frontier
 from .arith import arith_problems, encode_sft, exact_match
 
 RETENTION_DOMAINS = ("docstrings", "source")
@@ -76,10 +77,31 @@ class DemoConfig:
     # also write each method's adapter (OUT/adapters/NAME) and the task data (OUT/data/*.jsonl), for
     # `disel gates` / `disel compact` / `disel eval` on what the demo trained
     save_adapters: bool = False
+    # the frontier: evaluate accuracy and retention every `eval_every` steps (and at step 0 and the end;
+    # 0: only at the end), on the full test and retention sets
+    eval_every: int = 100
+    seeds: list[int] | None = (
+        None  # several seeds (None: just `seed`); results aggregated at matched accuracy
+    )
+    ranks: list[int] | None = None  # several ranks (None: just `rank`): forgetting against rank
+    matched_accuracy: float | None = None  # compare at this accuracy (None: the largest reached by all runs)
+    # lr * (rank_scaled_lr_reference / rank) ** rank_scaled_lr_power for the methods registered as
+    # rank-scaled (lora, disel, ...), as `training.rank_scaled_lr` in the pipeline
+    rank_scaled_lr: bool = False
+    rank_scaled_lr_reference: int = 8
+    rank_scaled_lr_power: float = 0.5
 
     @classmethod
     def quick(cls, **overrides: Any) -> DemoConfig:
-        base = dict(steps=12, batch_size=8, n_test=12, n_retention=6, n_gate_texts=4, retention_max_tokens=64)
+        base = dict(
+            steps=12,
+            batch_size=8,
+            n_test=12,
+            n_retention=6,
+            n_gate_texts=4,
+            retention_max_tokens=64,
+            eval_every=4,
+        )
         base.update(overrides)
         return cls(**base)
 
@@ -230,12 +252,78 @@ def run_demo(cfg: DemoConfig, out_dir: str | Path, log: Callable[[str], None] = 
         return _run_demo(cfg, out_dir, log)
 
 
+def checkpoint_steps(steps: int, every: int) -> list[int]:
+    """The training steps at which the frontier is evaluated inside training: every ``every`` steps before
+    the last (step 0 and the end are evaluated outside the Trainer)."""
+    return list(range(every, steps, every)) if every > 0 else []
+
+
+def checkpoint_callback(model: nn.Module, at: list[int], evaluate: Callable[[nn.Module], dict[str, float]]):
+    """A ``TrainerCallback`` that calls ``evaluate(model)`` after the optimizer steps in ``at`` and records
+    ``{"step", **evaluate(model)}`` in its ``points``.
+
+    Evaluation runs in eval mode under ``no_grad`` and gives the mode back; the RNG states (torch CPU and
+    CUDA, ``random``, numpy) are restored afterwards, so the evaluations change neither the batch order nor
+    anything else of the training (tests/test_demo.py checks the losses are identical with and without)."""
+    from transformers import TrainerCallback
+
+    wanted = set(at)
+
+    class CheckpointEval(TrainerCallback):
+        points: list[dict[str, float]]
+
+        def __init__(self) -> None:
+            self.points = []
+
+        def on_step_end(self, args, state, control, **kwargs):  # type: ignore[override]
+            if state.global_step not in wanted:
+                return
+            import numpy as np
+
+            states = (
+                torch.get_rng_state(),
+                torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                random.getstate(),
+                np.random.get_state(),
+            )
+            was_training = model.training
+            model.eval()
+            try:
+                with torch.no_grad():
+                    self.points.append({"step": int(state.global_step), **evaluate(model)})
+            finally:
+                model.train(was_training)
+                torch.set_rng_state(states[0])
+                if states[1] is not None:
+                    torch.cuda.set_rng_state_all(states[1])
+                random.setstate(states[2])
+                np.random.set_state(states[3])
+
+    return CheckpointEval()
+
+
+def method_lr(name: str, cfg: DemoConfig) -> float:
+    """The learning rate of ``name`` at ``cfg.rank``: ``lr_full`` for full fine-tuning, else ``lr``, rank-scaled
+    when ``cfg.rank_scaled_lr`` and the method is registered as rank-scaled."""
+    if name == "full":
+        return cfg.lr_full
+    if cfg.rank_scaled_lr and get_method(name).rank_scaled_lr:
+        return cfg.lr * (cfg.rank_scaled_lr_reference / cfg.rank) ** cfg.rank_scaled_lr_power
+    return cfg.lr
+
+
 def _run_demo(cfg: DemoConfig, out_dir: str | Path, log: Callable[[str], None]) -> dict[str, Any]:
     t0 = time.time()
     for m in cfg.methods:
         get_method(m)  # unknown names fail before any work
     if not cfg.methods:
         raise UserError("--methods is empty: name at least one method, e.g. lora,disel.")
+    seeds = list(cfg.seeds) if cfg.seeds else [cfg.seed]
+    ranks = list(cfg.ranks) if cfg.ranks else [cfg.rank]
+    if len(set(seeds)) != len(seeds) or len(set(ranks)) != len(ranks):
+        raise UserError(f"--seeds {seeds} / --ranks {ranks} repeat a value: list each once.")
+    if any(r < 1 for r in ranks):
+        raise UserError(f"--ranks {ranks} has a rank below 1: use positive integers such as 4,16,64.")
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file: pass a directory path.")
@@ -246,83 +334,56 @@ def _run_demo(cfg: DemoConfig, out_dir: str | Path, log: Callable[[str], None]) 
             f"--model {model_dir} is not a model directory: pass a folder made by save_pretrained."
         )
     base_model, tok = load_demo_model(model_dir)
-    n_train = cfg.steps * cfg.batch_size
-    task = dict(holdout=cfg.holdout, style=cfg.style, template=cfg.template)
-    train = encode_sft(arith_problems("train", n_train, cfg.seed, cfg.max_value, **task), tok)
-    test = arith_problems("test", cfg.n_test, cfg.seed, cfg.max_value, **task)
     log(f"[demo] loading held-out stdlib text ({cfg.n_retention} texts per domain)")
     held = retention_texts(cfg.n_retention)
-    # Gates are read on every token: the arithmetic prompt and answer, and the raw held-out text.
-    gate_texts = {"arithmetic": [p.prompt + p.answer for p in test[: cfg.n_gate_texts]]}
-    gate_texts.update({d: t[: cfg.n_gate_texts] for d, t in held.items()})
-
     log("[demo] evaluating the base model")
     base_ret = retention(base_model, tok, held, cfg.retention_max_tokens)
-    base = {"retention": base_ret["score"], "target_accuracy": target_accuracy(base_model, tok, test)}
-    base_detail = {"retention_domains": base_ret["domains"]}
-    log(f"[demo] base: accuracy {base['target_accuracy']:.3f}, retention {base['retention']:.4f}")
 
-    methods: dict[str, dict[str, Any]] = {}
+    runs: list[dict[str, Any]] = []
+    base_by_seed: dict[int, dict[str, float]] = {}
     gate_samples: dict[str, Any] = {}
     gate_method = ""
-    for name in cfg.methods:
-        t_m = time.time()
-        torch.manual_seed(cfg.seed)
-        model = build_model(
-            copy.deepcopy(base_model),  # every method starts from the same untouched base
-            name,
-            rank=cfg.rank,
-            target_modules=cfg.target_modules,
-            task_type="CAUSAL_LM",
-            total_steps=cfg.steps,
-            # every gated method (disel, disel+lalora, disel+corda) reads the "disel" section
-            options={
-                "disel": {"gate_bias_init": cfg.gate_bias_init, "gate_lr_multiplier": cfg.gate_lr_multiplier},
-                **copy.deepcopy(cfg.method_extra),
-            },
-            # methods that read data at build time (LaLoRA's curvature, CorDA's covariance) see the
-            # pretraining domains: the knowledge to keep
-            calibration=lambda: calibration_batches(tok, cfg),
-            # ... and methods that preview the task (CorDA's IPM) read the first training problems
-            task_calibration=lambda: [
-                _collate(train[i : i + 8], tok.pad_token_id)
-                for i in range(0, min(len(train), cfg.n_calibration), 8)
-            ],
-        )
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        lr = cfg.lr_full if name == "full" else cfg.lr
-        fitted = finetune(model, train, cfg, lr, tok.pad_token_id, method=name, desc=f"train {name}")
-        acc = target_accuracy(model, tok, test)
-        ret = retention(model, tok, held, cfg.retention_max_tokens)
-        methods[name] = {
-            "retention": ret["score"],
-            "target_accuracy": acc,
-            "rank": cfg.rank,
-            "retention_domains": ret["domains"],
-            "retention_ratio": math.exp(
-                sum(base_ret["domains"][d]["nll"] - ret["domains"][d]["nll"] for d in held) / len(held)
-            ),
-            "train_loss": fitted.train_loss,  # mean over the run, as `disel train` records it
-            "final_train_loss": fitted.final_loss,
-            "trainable_parameters": trainable,
-            "lr": lr,
-            "seconds": round(time.time() - t_m, 1),
+    for seed in seeds:
+        scfg = replace(cfg, seed=seed)
+        n_train = cfg.steps * cfg.batch_size
+        task = dict(holdout=cfg.holdout, style=cfg.style, template=cfg.template)
+        train = encode_sft(arith_problems("train", n_train, seed, cfg.max_value, **task), tok)
+        test = arith_problems("test", cfg.n_test, seed, cfg.max_value, **task)
+        base_by_seed[seed] = {
+            "retention": base_ret["score"],
+            "target_accuracy": target_accuracy(base_model, tok, test),
         }
-        # gates of plain DISeL, or else of the first gated method (disel+lalora, disel+corda, ...)
-        gated = any(isinstance(m, DiselGate) for m in model.modules())
-        if gated and (name == "disel" or (not gate_method and "disel" not in cfg.methods)):
-            gate_samples = gate_stats(model, tok, gate_texts, cfg.retention_max_tokens)
-            gate_method = name
-        if cfg.save_adapters:
-            save_trained(model, tok, out / "adapters" / name)
         log(
-            f"[demo] {name}: accuracy {acc:.3f}, retention {ret['score']:.4f} "
-            f"(base {base['retention']:.4f}), {methods[name]['seconds']}s"
+            f"[demo] base (seed {seed}): accuracy {base_by_seed[seed]['target_accuracy']:.3f}, "
+            f"retention {base_ret['score']:.4f}"
         )
+        for rank in ranks:
+            rcfg = replace(scfg, rank=rank)
+            first = seed == seeds[0] and rank == ranks[0]
+            for name in cfg.methods:
+                rec, model = _train_method(name, rcfg, base_model, tok, train, test, held, base_ret, log)
+                runs.append(rec)
+                # gates of plain DISeL, or else of the first gated method (disel+lalora, disel+corda, ...)
+                gated = any(isinstance(m, DiselGate) for m in model.modules())
+                if first and gated and (name == "disel" or (not gate_method and "disel" not in cfg.methods)):
+                    # Gates are read on every token: the arithmetic prompt and answer, and the held-out text.
+                    gate_texts = {"arithmetic": [p.prompt + p.answer for p in test[: cfg.n_gate_texts]]}
+                    gate_texts.update({d: t[: cfg.n_gate_texts] for d, t in held.items()})
+                    gate_samples = gate_stats(model, tok, gate_texts, cfg.retention_max_tokens)
+                    gate_method = name
+                if first and cfg.save_adapters:
+                    save_trained(model, tok, out / "adapters" / name)
+                del model
 
+    first_runs = [r for r in runs if r["seed"] == seeds[0] and r["rank"] == ranks[0]]
     results = {
-        "base": {**base, **base_detail},
-        "methods": methods,
+        "base": {**base_by_seed[seeds[0]], "retention_domains": base_ret["domains"]},
+        "base_by_seed": {str(s): b for s, b in base_by_seed.items()},
+        "methods": {r["method"]: r for r in first_runs},
+        "runs": runs,
+        "seeds": seeds,
+        "ranks": ranks,
+        "frontier": _frontiers(runs, base_ret["score"], ranks, cfg),
         "gates": {d: float(st.group()["mean"]) for d, st in gate_samples.items()},
         "gates_method": gate_method or None,
         "gate_auroc": _gate_auroc(gate_samples),
@@ -334,12 +395,156 @@ def _run_demo(cfg: DemoConfig, out_dir: str | Path, log: Callable[[str], None]) 
         else {},
     }
     if cfg.save_adapters:
-        save_task_data(out / "data", cfg)
+        save_task_data(out / "data", replace(cfg, seed=seeds[0]))
     write_report(results, gate_samples, out)
     results["wall_seconds"] = round(time.time() - t0, 1)
     atomic_write_json(out / "results.json", results)
     log(f"[demo] wrote {out / 'report.md'} in {results['wall_seconds']}s")
     return results
+
+
+def _train_method(
+    name: str,
+    cfg: DemoConfig,
+    base_model: nn.Module,
+    tok: Any,
+    train: list[dict[str, list[int]]],
+    test: list,
+    held: dict[str, list[str]],
+    base_ret: dict[str, Any],
+    log: Callable[[str], None],
+) -> tuple[dict[str, Any], nn.Module]:
+    """Build ``name`` at ``cfg.rank`` on a copy of the base, train it with the frontier evaluated along the
+    way, and return its record and the trained model."""
+    t_m = time.time()
+    torch.manual_seed(cfg.seed)
+    model = build_model(
+        copy.deepcopy(base_model),  # every method starts from the same untouched base
+        name,
+        rank=cfg.rank,
+        target_modules=cfg.target_modules,
+        task_type="CAUSAL_LM",
+        total_steps=cfg.steps,
+        # every gated method (disel, disel+lalora, disel+corda) reads the "disel" section
+        options={
+            "disel": {"gate_bias_init": cfg.gate_bias_init, "gate_lr_multiplier": cfg.gate_lr_multiplier},
+            **copy.deepcopy(cfg.method_extra),
+        },
+        # methods that read data at build time (LaLoRA's curvature, CorDA's covariance) see the
+        # pretraining domains: the knowledge to keep
+        calibration=lambda: calibration_batches(tok, cfg),
+        # ... and methods that preview the task (CorDA's IPM) read the first training problems
+        task_calibration=lambda: [
+            _collate(train[i : i + 8], tok.pad_token_id)
+            for i in range(0, min(len(train), cfg.n_calibration), 8)
+        ],
+    )
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    lr = method_lr(name, cfg)
+
+    def evaluate(m: nn.Module) -> dict[str, float]:
+        return {
+            "target_accuracy": target_accuracy(m, tok, test),
+            "retention": retention(m, tok, held, cfg.retention_max_tokens)["score"],
+        }
+
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        start = {"step": 0, **evaluate(model)}
+    model.train(was_training)
+    checkpoints = checkpoint_callback(model, checkpoint_steps(cfg.steps, cfg.eval_every), evaluate)
+    fitted = fit(
+        model,
+        train,
+        steps=cfg.steps,
+        batch_size=cfg.batch_size,
+        lr=lr,
+        warmup_steps=cfg.warmup_steps,
+        weight_decay=cfg.weight_decay,
+        max_grad_norm=1.0,
+        seed=cfg.seed,
+        method=name,
+        pad_token_id=tok.pad_token_id,
+        callbacks=[checkpoints],
+        desc=f"train {name} r={cfg.rank} seed {cfg.seed}",
+    )
+    acc = target_accuracy(model, tok, test)
+    ret = retention(model, tok, held, cfg.retention_max_tokens)
+    path = [
+        start,
+        *checkpoints.points,
+        {"step": cfg.steps, "target_accuracy": acc, "retention": ret["score"]},
+    ]
+    rec = {
+        "method": name,
+        "seed": cfg.seed,
+        "rank": cfg.rank,
+        "retention": ret["score"],
+        "target_accuracy": acc,
+        "retention_domains": ret["domains"],
+        "retention_ratio": math.exp(
+            sum(base_ret["domains"][d]["nll"] - ret["domains"][d]["nll"] for d in held) / len(held)
+        ),
+        "path": path,
+        "train_loss": fitted.train_loss,  # mean over the run, as `disel train` records it
+        "final_train_loss": fitted.final_loss,
+        "trainable_parameters": trainable,
+        "lr": lr,
+        "seconds": round(time.time() - t_m, 1),
+    }
+    log(
+        f"[demo] {name} r={cfg.rank} seed {cfg.seed}: accuracy {acc:.3f}, retention {ret['score']:.4f} "
+        f"(base {base_ret['score']:.4f}), {rec['seconds']}s"
+    )
+    return rec, model
+
+
+def _points(run: dict[str, Any]) -> list[tuple[float, float]]:
+    return [(p["target_accuracy"], p["retention"]) for p in run["path"]]
+
+
+def _frontiers(runs: list[dict[str, Any]], base_retention: float, ranks: list[int], cfg: DemoConfig) -> dict:
+    """Matched-accuracy summaries: per rank (over seeds), and, with several ranks, forgetting against rank at
+    one accuracy reached by every run of every rank."""
+    per_rank = {}
+    for rank in ranks:
+        paths: dict[str, dict[int, list]] = {}
+        for r in runs:
+            if r["rank"] == rank:
+                paths.setdefault(r["method"], {})[r["seed"]] = _points(r)
+        per_rank[str(rank)] = frontier.summarize(paths, base_retention, cfg.matched_accuracy)
+    out: dict[str, Any] = {"by_rank": per_rank}
+    if len(ranks) > 1:
+        acc, how = frontier.matched_accuracy([_points(r) for r in runs], cfg.matched_accuracy)
+        table = {}
+        for rank in ranks:
+            for m in cfg.methods:
+                sel = [r for r in runs if r["rank"] == rank and r["method"] == m]
+                at = [frontier.retention_at(_points(r), acc) for r in sel]
+                table.setdefault(m, {})[str(rank)] = {
+                    "accuracy_end": frontier.stats([r["target_accuracy"] for r in sel]),
+                    "forgetting_end": frontier.stats([base_retention - r["retention"] for r in sel]),
+                    "forgetting_matched": frontier.stats([base_retention - v for v in at if v is not None]),
+                    "trainable_parameters": sel[0]["trainable_parameters"],
+                    "lr": sel[0]["lr"],
+                }
+        out["rank"] = {"accuracy": acc, "how": how, "methods": table}
+        out["rank"]["sentence"] = _rank_sentence(out["rank"], ranks)
+    return out
+
+
+def _rank_sentence(rank: dict[str, Any], ranks: list[int]) -> str:
+    lo, hi = str(ranks[0]), str(ranks[-1])
+    parts = []
+    for m, by_rank in rank["methods"].items():
+        for key, label in (("forgetting_end", "at the end"), ("forgetting_matched", "at matched accuracy")):
+            a, b = by_rank[lo][key]["mean"], by_rank[hi][key]["mean"]
+            if not (math.isfinite(a) and math.isfinite(b)):
+                continue
+            growth = f" (×{b / a:.1f})" if a > 0 else ""
+            parts.append(f"{m}'s forgetting {label} goes from {a:.4f} to {b:.4f}{growth}")
+    return f"From rank {lo} to {hi}, " + "; ".join(parts) + f" (matched accuracy {rank['accuracy']:.2f})."
 
 
 # --------------------------------------------------------------------------------------------------
@@ -387,6 +592,66 @@ def _comparison(base: dict[str, Any], methods: dict[str, Any], reference: str = 
     return [*out, ""] if out else []
 
 
+def _stat(st: dict[str, float], digits: int = 4) -> str:
+    if not st["n"]:
+        return "–"
+    if st["n"] == 1:
+        return f"{st['mean']:.{digits}f}"
+    return f"{st['mean']:.{digits}f} ± {st['std']:.{digits}f} ({st['min']:.{digits}f}–{st['max']:.{digits}f})"
+
+
+def _frontier_lines(results: dict[str, Any]) -> list[str]:
+    cfg, seeds = results["config"], results["seeds"]
+    every = cfg["eval_every"] or cfg["steps"]
+    lines = [
+        "## Frontier: retention at matched accuracy",
+        "",
+        f"Every run was evaluated at step 0, every {every} steps and at the end (the full test and retention "
+        "sets each time). `tradeoff.png` draws each run's path in the accuracy-retention plane (checkpoints "
+        "marked, the end larger, base as a star); `retention_over_steps.png` retention and accuracy against "
+        "the step. Retention at matched accuracy is read off each path by linear interpolation on the segment "
+        "where it first reaches that accuracy"
+        + (f"; seeds {', '.join(map(str, seeds))}: mean ± std (min–max)." if len(seeds) > 1 else "."),
+        "",
+    ]
+    for rank, fr in results["frontier"]["by_rank"].items():
+        lines += [
+            f"Rank {rank}: matched accuracy **{fr['accuracy']:.2f}** ({fr['how']}).",
+            "",
+            "| method | retention at matched accuracy | retention loss | by seed |",
+            "|---|---|---|---|",
+        ]
+        for m, rec in fr["methods"].items():
+            by_seed = ", ".join("–" if v is None else f"{v:.4f}" for v in rec["by_seed"].values())
+            lines.append(f"| {m} | {_stat(rec['retention'])} | {rec['loss']:.4f} | {by_seed} |")
+        lines += ["", f"**{fr['sentence']}**", ""]
+    lines += ["![trade-off](tradeoff.png)", "", "![retention over steps](retention_over_steps.png)", ""]
+    return lines
+
+
+def _rank_lines(results: dict[str, Any]) -> list[str]:
+    rank = results["frontier"].get("rank")
+    if not rank:
+        return []
+    lines = [
+        "## Forgetting against rank",
+        "",
+        f"Forgetting = base retention − retention, at the end of training and at accuracy {rank['accuracy']:.2f} "
+        f"({rank['how']}, over every rank, method and seed).",
+        "",
+        "| rank | method | lr | trainable | accuracy (end) | forgetting (end) | forgetting at matched accuracy |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in results["ranks"]:
+        for m, by_rank in rank["methods"].items():
+            x = by_rank[str(r)]
+            lines.append(
+                f"| {r} | {m} | {x['lr']:.3g} | {x['trainable_parameters']:,} | {_stat(x['accuracy_end'], 2)} | "
+                f"{_stat(x['forgetting_end'])} | {_stat(x['forgetting_matched'])} |"
+            )
+    return [*lines, "", f"**{rank['sentence']}**", "", "![rank](rank.png)", ""]
+
+
 def write_report(results: dict[str, Any], gate_samples: dict[str, Any], out: Path) -> None:
     import matplotlib
 
@@ -395,19 +660,99 @@ def write_report(results: dict[str, Any], gate_samples: dict[str, Any], out: Pat
 
     out.mkdir(parents=True, exist_ok=True)
     base, methods = results["base"], results["methods"]
+    cfg = results["config"]
 
-    fig, ax = plt.subplots(figsize=(5.5, 4))
-    ax.scatter([base["retention"]], [base["target_accuracy"]], marker="*", s=160, color="black", label="base")
-    for name, r in methods.items():
-        ax.scatter([r["retention"]], [r["target_accuracy"]], s=70, label=f"{name} (r={r['rank']})")
+    runs, seeds, ranks = results["runs"], results["seeds"], results["ranks"]
+    colors = {m: f"C{i}" for i, m in enumerate(dict.fromkeys(r["method"] for r in runs))}
+    styles = {rk: ls for rk, ls in zip(ranks, ["-", "--", ":", "-."] * 4, strict=False)}
+
+    def _label(r: dict[str, Any], shown: set) -> str | None:
+        key = (r["method"], r["rank"])
+        if key in shown:
+            return None
+        shown.add(key)
+        return f"{r['method']} (r={r['rank']})"
+
+    # the frontier: each run's path through the plane, checkpoints marked, the end larger
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    ax.scatter(
+        [base["retention"]],
+        [base["target_accuracy"]],
+        marker="*",
+        s=200,
+        color="black",
+        label="base",
+        zorder=5,
+    )
+    shown: set = set()
+    for r in runs:
+        xs = [p["retention"] for p in r["path"]]
+        ys = [p["target_accuracy"] for p in r["path"]]
+        alpha = 1.0 if r["seed"] == seeds[0] else 0.45
+        c, ls = colors[r["method"]], styles[r["rank"]]
+        ax.plot(xs, ys, ls, marker="o", ms=3.5, color=c, alpha=alpha, label=_label(r, shown))
+        ax.scatter(xs[-1:], ys[-1:], s=60, color=c, alpha=alpha, edgecolor="black", zorder=4)
+    for fr in results["frontier"]["by_rank"].values():
+        if math.isfinite(fr["accuracy"]):
+            ax.axhline(fr["accuracy"], color="grey", ls=":", lw=1)
     ax.axvline(base["retention"], color="grey", ls=":", lw=1)
     ax.set_xlabel("retention: exp(-NLL) on held-out stdlib text (higher = less forgetting)")
     ax.set_ylabel("arithmetic exact-match accuracy")
-    ax.set_title("Target accuracy vs retention")
+    ax.set_title(
+        f"Accuracy-retention paths (every {cfg['eval_every'] or cfg['steps']} steps"
+        + (f", {len(seeds)} seeds" if len(seeds) > 1 else "")
+        + "; dotted: matched accuracy)",
+        fontsize=9,
+    )
     ax.legend(fontsize=8)
     save_figure(fig, out / "tradeoff.png", dpi=110, bbox_inches="tight")
 
-    files = ["tradeoff.png"]
+    # the paper's figure 6: retention (and accuracy) over training steps
+    fig, (ax_r, ax_a) = plt.subplots(1, 2, figsize=(10, 4))
+    shown = set()
+    for r in runs:
+        steps = [p["step"] for p in r["path"]]
+        alpha = 1.0 if r["seed"] == seeds[0] else 0.45
+        c, ls = colors[r["method"]], styles[r["rank"]]
+        lab = _label(r, shown)
+        ax_r.plot(
+            steps, [p["retention"] for p in r["path"]], ls, marker="o", ms=3, color=c, alpha=alpha, label=lab
+        )
+        ax_a.plot(
+            steps, [p["target_accuracy"] for p in r["path"]], ls, marker="o", ms=3, color=c, alpha=alpha
+        )
+    ax_r.axhline(base["retention"], color="black", ls=":", lw=1, label="base")
+    ax_r.set_xlabel("training step")
+    ax_r.set_ylabel("retention exp(-NLL), held-out stdlib text")
+    ax_r.set_title("Retention over training")
+    ax_r.legend(fontsize=8)
+    ax_a.set_xlabel("training step")
+    ax_a.set_ylabel("arithmetic exact-match accuracy")
+    ax_a.set_title("Target accuracy over training")
+    save_figure(fig, out / "retention_over_steps.png", dpi=110, bbox_inches="tight")
+
+    rank_fr = results["frontier"].get("rank")
+    if rank_fr:
+        fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+        for ax, key, title in (
+            (axes[0], "forgetting_end", "at the end of training"),
+            (axes[1], "forgetting_matched", f"at matched accuracy {rank_fr['accuracy']:.2f}"),
+        ):
+            for m, by_rank in rank_fr["methods"].items():
+                rk = [int(k) for k in by_rank]
+                st = [by_rank[k][key] for k in by_rank]
+                mean = [x["mean"] for x in st]
+                err = [[x["mean"] - x["min"] for x in st], [x["max"] - x["mean"] for x in st]]
+                ax.errorbar(rk, mean, yerr=err, marker="o", capsize=3, color=colors[m], label=m)
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(ranks, [str(x) for x in ranks])
+            ax.set_xlabel("rank")
+            ax.set_title(f"Forgetting {title}", fontsize=10)
+            ax.legend(fontsize=8)
+        axes[0].set_ylabel("forgetting: base retention − retention")
+        save_figure(fig, out / "rank.png", dpi=110, bbox_inches="tight")
+
+    files = ["tradeoff.png", "retention_over_steps.png", *(["rank.png"] if rank_fr else [])]
     if gate_samples:
         fig, ax = plt.subplots(figsize=(5.5, 4))
         for d, st in gate_samples.items():
@@ -422,7 +767,6 @@ def write_report(results: dict[str, Any], gate_samples: dict[str, Any], out: Pat
         save_figure(fig, out / "gates.png", dpi=110, bbox_inches="tight")
         files.append("gates.png")
 
-    cfg = results["config"]
     lines = [
         "# disel demo",
         "",
@@ -431,7 +775,13 @@ def write_report(results: dict[str, Any], gate_samples: dict[str, Any], out: Pat
         f"problems ({_STYLES.get(cfg.get('style', 'word'), cfg.get('style'))}, operands 0-{cfg['max_value']}, "
         f"{_TEMPLATES.get(cfg.get('template', 'alpaca'), cfg.get('template'))}; "
         f"{_HOLDOUTS.get(cfg.get('holdout', 'fact'), cfg.get('holdout'))}) for {cfg['steps']} steps of "
-        f"{cfg['batch_size']} examples, rank {cfg['rank']}, seed {cfg['seed']}.",
+        f"{cfg['batch_size']} examples, rank {', '.join(map(str, results['ranks']))}, "
+        f"seed {', '.join(map(str, results['seeds']))}"
+        + (
+            f" (the table: rank {results['ranks'][0]}, seed {results['seeds'][0]})."
+            if len(results["runs"]) > len(methods)
+            else "."
+        ),
         "",
         f"- Target: exact-match accuracy of greedy answers on {cfg['n_test']} test problems.",
         f"- Retention: {results['retention_score']}; {cfg['n_retention']} texts per domain, "
@@ -450,7 +800,7 @@ def write_report(results: dict[str, Any], gate_samples: dict[str, Any], out: Pat
             f"{base['retention'] - r['retention']:.4f} | {r['retention_ratio']:.3f} | {dom['docstrings']['ppl']:.2f} | "
             f"{dom['source']['ppl']:.2f} | {r['trainable_parameters']:,} | {r['seconds']} |"
         )
-    lines += ["", *_comparison(base, methods), "![trade-off](tradeoff.png)", ""]
+    lines += ["", *_comparison(base, methods), *_frontier_lines(results), *_rank_lines(results)]
     if results["gates"]:
         lines += [
             f"## Gates of `{results.get('gates_method') or 'disel'}` by domain",
