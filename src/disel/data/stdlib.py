@@ -75,7 +75,14 @@ def stdlib_docstrings(
     split: Split = "all", min_chars: int = 80, max_chars: int = 2000, heldout_fraction: float = 0.2
 ) -> list[str]:
     """Module, class and function docstrings of the standard library (English prose), cleaned."""
-    out: list[str] = []
+    return [doc for _, doc in stdlib_docstrings_by_module(split, min_chars, max_chars, heldout_fraction)]
+
+
+def stdlib_docstrings_by_module(
+    split: Split = "all", min_chars: int = 80, max_chars: int = 2000, heldout_fraction: float = 0.2
+) -> list[tuple[str, str]]:
+    """``(module name, docstring)`` for every docstring :func:`stdlib_docstrings` yields, in its order."""
+    out: list[tuple[str, str]] = []
     for p in _files(split, heldout_fraction):
         src = _read(p)
         if src is None:
@@ -84,11 +91,12 @@ def stdlib_docstrings(
             tree = ast.parse(src)
         except (SyntaxError, ValueError):
             continue
+        name = _module_name(p)
         for node in ast.walk(tree):
             if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
                 doc = ast.get_docstring(node, clean=True)
                 if doc and len(doc) >= min_chars and doc.isascii():
-                    out.append(doc[:max_chars])
+                    out.append((name, doc[:max_chars]))
     return out
 
 

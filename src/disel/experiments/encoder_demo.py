@@ -16,7 +16,6 @@ docstrings by package, and what each method keeps of the encoder's embedding geo
 
 from __future__ import annotations
 
-import ast
 import copy
 import hashlib
 import math
@@ -88,22 +87,13 @@ def encoder_model_dir() -> Path:
 def family_docstrings(per_class: int, families: tuple[str, ...] = FAMILIES) -> list[tuple[str, int]]:
     """``(docstring, family index)``: up to ``per_class`` docstrings of each package's modules in the stdlib
     *train* split (a fixed sample)."""
-    from ..data.stdlib import _files, _module_name, _read
+    from ..data.stdlib import stdlib_docstrings_by_module
 
     pools: dict[str, list[str]] = {f: [] for f in families}
-    for p in _files("train", 0.2):
-        top = _module_name(p).split(".")[0]
-        if top not in pools or (src := _read(p)) is None:
-            continue
-        try:
-            tree = ast.parse(src)
-        except (SyntaxError, ValueError):
-            continue
-        for node in ast.walk(tree):
-            if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
-                doc = ast.get_docstring(node, clean=True)
-                if doc and len(doc) >= 80 and doc.isascii():
-                    pools[top].append(doc[:2000])
+    for module, doc in stdlib_docstrings_by_module("train"):
+        top = module.split(".")[0]
+        if top in pools:
+            pools[top].append(doc)
     out = []
     for label, fam in enumerate(families):
         pool = sorted(set(pools[fam]))
