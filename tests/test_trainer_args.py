@@ -127,3 +127,39 @@ def test_optim_and_push_to_hub_reach_the_trainer(tmp_path, monkeypatch):
     assert res.global_step == 2 and seen["optimizer"] is torch.optim.SGD
     assert pushed == ["me/tiny-disel", "tok:me/tiny-disel"]
     assert Path(res.run_dir / "final" / "adapter_model.safetensors").is_file()
+
+
+def test_fsdp_on_cpu_is_refused_in_one_sentence(tmp_path, monkeypatch, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    from disel.testing import tiny_model
+    from disel.testing_tokenizers import tiny_tokenizer
+    from disel.training.config import shipped_configs
+
+    assert {"accelerate/fsdp", "accelerate/deepspeed_zero2"} <= {
+        f"{p.parent.name}/{p.stem}"
+        for p in (next(iter(shipped_configs().values())).parent / "accelerate").glob("*.yaml")
+    }
+    tok = tiny_tokenizer(128)
+    tiny_model("llama", vocab_size=len(tok)).save_pretrained(tmp_path / "llama")
+    tok.save_pretrained(tmp_path / "llama")
+    data = tmp_path / "d.jsonl"
+    data.write_text(
+        "".join(json.dumps({"instruction": f"Say {i}.", "output": str(i)}) + "\n" for i in range(4))
+    )
+    cfg = {
+        "model": {"name": str(tmp_path / "llama")},
+        "method": {"name": "lora", "rank": 2},
+        "data": {"train": str(data), "max_length": 256},
+        "training": {"max_steps": 1, "per_device_batch_size": 2},
+        "output": {"dir": str(tmp_path / "runs")},
+    }
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    assert main(["train", str(p), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("disel train: error: FSDP needs GPUs") and "torchrun" in err[-1]
+    assert not (tmp_path / "runs").exists()  # refused before anything was written

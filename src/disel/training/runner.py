@@ -375,6 +375,13 @@ def train(
     run; a second one gets a :class:`UserError`. ``store`` (a :class:`disel.results.ResultsStore`, default
     ``output.results``) gets one ``kind="run"`` record, keyed by the run key, when the run finishes.
     """
+    if (cfg.training.fsdp or os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true") and not (
+        torch.cuda.is_available()
+    ):
+        raise UserError(
+            "FSDP needs GPUs and this machine has none: drop training.fsdp / the FSDP accelerate config, or "
+            "train data-parallel on CPU with torchrun (gloo)."
+        )
     cfg = claim_run_dir(cfg)
     with contextlib.ExitStack() as stack:
         if is_main_process():
