@@ -87,18 +87,22 @@ def checkpoint_problem(path: PathLike) -> str | None:
         return f"a state file is unreadable ({type(e).__name__})"
     if not isinstance(state, dict) or state.get("global_step") != step or ours.get("global_step") != step:
         return "its state files disagree with its step"
-    weights = [f for f in ("adapter_model.safetensors", "model.safetensors") if (p / f).is_file()]
-    if not weights and not any(p.glob("model-*.safetensors")):
+    weights = _weight_files(p)
+    if not weights:
         return "it holds no weights"
-    for name in weights:
-        if not _safetensors_ok(p / name):
-            return f"{name} is truncated or corrupt"
-    return None
+    bad = next((f.name for f in weights if not _safetensors_ok(f)), None)
+    return f"{bad} is truncated or corrupt" if bad else None
+
+
+def _weight_files(p: Path) -> list[Path]:
+    """The safetensors weight files of a saved adapter or model (sharded ones included)."""
+    named = [p / f for f in ("adapter_model.safetensors", "model.safetensors") if (p / f).is_file()]
+    return named + sorted(p.glob("model-*.safetensors"))
 
 
 def _weights_ok(p: Path) -> bool:
-    names = [f for f in ("adapter_model.safetensors", "model.safetensors") if (p / f).is_file()]
-    return bool(names) and all(_safetensors_ok(p / n) for n in names) or any(p.glob("model-*.safetensors"))
+    files = _weight_files(p)
+    return bool(files) and all(_safetensors_ok(f) for f in files)
 
 
 def _safetensors_ok(path: Path) -> bool:

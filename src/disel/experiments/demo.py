@@ -147,6 +147,7 @@ def finetune(
     pad_id: int,
     method: str | None = None,
     desc: str = "train",
+    callbacks: list[Any] | tuple[Any, ...] = (),
 ) -> FitResult:
     """The demo's fine-tuning through the shared training core (:func:`disel.training.fit.fit`, the Trainer
     glue of ``disel train``): ``cfg.steps`` steps of ``cfg.batch_size`` problems, AdamW over DISeL's groups
@@ -164,6 +165,7 @@ def finetune(
         seed=cfg.seed,
         method=method,
         pad_token_id=pad_id,
+        callbacks=callbacks,
         desc=desc,
     )
 
@@ -454,18 +456,13 @@ def _train_method(
         start = {"step": 0, **evaluate(model)}
     model.train(was_training)
     checkpoints = checkpoint_callback(model, checkpoint_steps(cfg.steps, cfg.eval_every), evaluate)
-    fitted = fit(
+    fitted = finetune(
         model,
         train,
-        steps=cfg.steps,
-        batch_size=cfg.batch_size,
-        lr=lr,
-        warmup_steps=cfg.warmup_steps,
-        weight_decay=cfg.weight_decay,
-        max_grad_norm=1.0,
-        seed=cfg.seed,
+        cfg,
+        lr,
+        tok.pad_token_id,
         method=name,
-        pad_token_id=tok.pad_token_id,
         callbacks=[checkpoints],
         desc=f"train {name} r={cfg.rank} seed {cfg.seed}",
     )

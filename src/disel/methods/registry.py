@@ -163,37 +163,18 @@ _PLUGIN_MODULES: tuple[str, ...] = ("disel.methods.lalora", "disel.methods.corda
 _plugins_loaded = False
 
 
-def register_method(
-    name: str,
-    description: str,
-    *,
-    uses_peft: bool = True,
-    input_dependent: bool = False,
-    options: tuple[type, ...] = (),
-    components: tuple[str, ...] = (),
-    starts_as_base: bool = True,
-    rank_scaled_lr: bool = False,
-    callbacks: Callable[[nn.Module], list[Any]] | None = None,
-    export: Callable[[nn.Module, Path], None] | None = None,
-    resume: Callable[[dict[str, Any], Path], dict[str, Any]] | None = None,
-) -> Callable[[Builder], Builder]:
+def register_method(name: str, description: str, **behaviour: Any) -> Callable[[Builder], Builder]:
+    """Register the decorated builder as method ``name``; ``behaviour`` are :class:`MethodSpec` fields
+    (``options``, ``components``, ``callbacks``, ``export``, ``resume``, ``starts_as_base``, ...)."""
+    allowed = {f.name for f in dataclasses.fields(MethodSpec)} - {"name", "description", "build"}
+    unknown = set(behaviour) - allowed
+    if unknown:
+        raise TypeError(f"register_method got unknown field(s) {sorted(unknown)}")
+
     def deco(fn: Builder) -> Builder:
         if name in METHODS:
             raise KeyError(f"method {name!r} is already registered")
-        METHODS[name] = MethodSpec(
-            name,
-            description,
-            fn,
-            uses_peft=uses_peft,
-            input_dependent=input_dependent,
-            options=options,
-            components=components,
-            starts_as_base=starts_as_base,
-            rank_scaled_lr=rank_scaled_lr,
-            callbacks=callbacks,
-            export=export,
-            resume=resume,
-        )
+        METHODS[name] = MethodSpec(name, description, fn, **behaviour)
         return fn
 
     return deco
