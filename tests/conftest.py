@@ -10,15 +10,18 @@
   are never flagged. ``DISEL_NO_CHECKOUT_GUARD=1`` turns it off.
 * ``tiny_tok`` / ``tiny_models``: the tiny tokenizer and tiny random models (built from configs, no
   download), with each (arch, task) saved once per session for tests that load a base from disk.
+* ``run_assets(n_train)``: a directory with that tiny Llama (``llama/``) and an instruction data set
+  (``inst.jsonl``: "Add i and i." -> "It is 2i.") for tests that run ``disel train``/``sweep``.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -260,6 +263,28 @@ class TinyModels:
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory, tiny_tok) -> TinyModels:
     return TinyModels(tmp_path_factory.mktemp("tiny-models"), tiny_tok)
+
+
+@pytest.fixture(scope="session")
+def run_assets(tmp_path_factory, tiny_models) -> Callable[[int], Path]:
+    """``run_assets(n)``: a directory (made once per ``n``, read-only by convention) holding ``llama/`` (the
+    saved tiny Llama with its tokenizer) and ``inst.jsonl`` (``n`` instruction rows "Add i and i." ->
+    "It is 2i.")."""
+    made: dict[int, Path] = {}
+
+    def get(n_train: int) -> Path:
+        if n_train not in made:
+            root = tmp_path_factory.mktemp(f"run-assets-{n_train}")
+            (root / "llama").symlink_to(tiny_models.saved("llama"), target_is_directory=True)
+            with open(root / "inst.jsonl", "w") as f:
+                for i in range(n_train):
+                    f.write(
+                        json.dumps({"instruction": f"Add {i} and {i}.", "output": f"It is {2 * i}."}) + "\n"
+                    )
+            made[n_train] = root
+        return made[n_train]
+
+    return get
 
 
 # -- kernels ---------------------------------------------------------------------------------------

@@ -36,24 +36,16 @@ VOLATILE = {
 
 
 @pytest.fixture(scope="module")
-def sweep_config(tmp_path_factory) -> dict:
-    from disel.testing import tiny_model
-    from disel.testing_tokenizers import tiny_tokenizer
-
+def sweep_config(tmp_path_factory, run_assets) -> dict:
+    assets = run_assets(32)
     root = tmp_path_factory.mktemp("kill-assets")
-    tok = tiny_tokenizer(128)
-    tiny_model("llama", vocab_size=len(tok)).save_pretrained(root / "llama")
-    tok.save_pretrained(root / "llama")
-    with open(root / "train.jsonl", "w") as f:
-        for i in range(32):
-            f.write(json.dumps({"instruction": f"Add {i} and {i}.", "output": f"It is {2 * i}."}) + "\n")
     with open(root / "test.jsonl", "w") as f:
         for i in range(6):
             f.write(json.dumps({"prompt": f"Add {i} and 1.", "answer": str(i + 1)}) + "\n")
     return {
-        "model": {"name": str(root / "llama")},
+        "model": {"name": str(assets / "llama")},
         "method": {"name": "lora", "rank": 2},
-        "data": {"format": "instruction", "train": str(root / "train.jsonl"), "max_length": 256},
+        "data": {"format": "instruction", "train": str(assets / "inst.jsonl"), "max_length": 256},
         "training": {
             "max_steps": 8,
             "per_device_batch_size": 4,

@@ -22,3 +22,15 @@ def test_init_equals_base_and_cli_lists_methods():
         [sys.executable, "-m", "disel.cli", "methods"], capture_output=True, text=True, check=True
     ).stdout
     assert "disel" in out and "lora" in out
+
+
+def test_package_and_sandbox_imports_load_no_torch():
+    """``import disel`` (the CLI's start) and the sandbox's worker module stay cheap: no torch, no peft."""
+    code = (
+        "import sys, disel, disel.evaluation, disel.evaluation.sandbox\n"
+        "heavy = sorted(m for m in ('torch', 'peft', 'transformers') if m in sys.modules)\n"
+        "assert not heavy, heavy\n"
+        "from disel.evaluation import token_nll\n"
+        "assert 'torch' in sys.modules and callable(token_nll)\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

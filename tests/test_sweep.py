@@ -124,18 +124,8 @@ _KILLER = textwrap.dedent(
 
 
 @pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    from disel.testing import tiny_model
-    from disel.testing_tokenizers import tiny_tokenizer
-
-    root = tmp_path_factory.mktemp("sweep-assets")
-    tok = tiny_tokenizer(128)
-    tiny_model("llama", vocab_size=len(tok)).save_pretrained(root / "llama")
-    tok.save_pretrained(root / "llama")
-    with open(root / "inst.jsonl", "w") as f:
-        for i in range(24):
-            f.write(json.dumps({"instruction": f"Add {i} and {i}.", "output": f"It is {2 * i}."}) + "\n")
-    return root
+def assets(run_assets):
+    return run_assets(24)
 
 
 def test_sweep_survives_sigkill_mid_run(tmp_path, assets, one_thread):
