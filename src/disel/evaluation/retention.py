@@ -9,11 +9,16 @@ Three kinds of task references (strings in a spec's ``retention`` list, or ``{"t
   ``stdlib-ppl`` (rolling log-likelihood, bits per byte, on held-out docstrings and source) and
   ``stdlib-nextline`` (4-way multiple choice: which line really follows these lines of held-out source;
   distractors are real lines of other files, re-indented like the true line);
+- ``stdlib-likelihood``: computed in process, without lm-eval (:func:`likelihood_retention`, the measure
+  ``disel demo`` reports): the mean per-token likelihood ``exp(-NLL)`` of a fixed sample of held-out stdlib
+  docstrings and source (:func:`stdlib_retention_texts`: ``n`` texts per domain, each cut to ``max_length``
+  tokens with BOS first; the NLL of each domain token-weighted, then averaged over the domains). Options in
+  the dict form ``{task: stdlib-likelihood, n: 48, max_length: 128, batch_size: 8}`` (these defaults);
 - any lm-eval task name, or a path to a YAML task file.
 
 Every task reports one raw value (``retention[task]``) and a score where higher is better and accuracies and
-perplexities share a [0, 1] scale: accuracies as they are, ``2**-bits_per_byte`` for bits per byte and
-``1/ppl`` for perplexities (the geometric-mean probability the model gives each byte/token).
+perplexities share a [0, 1] scale: accuracies and likelihoods as they are, ``2**-bits_per_byte`` for bits per
+byte and ``1/ppl`` for perplexities (the geometric-mean probability the model gives each byte/token).
 """
 
 from __future__ import annotations
@@ -51,6 +56,10 @@ PAPER_FEWSHOT = 5
 PAPER_MAX_LENGTH = 512
 
 OFFLINE_TASKS = ("stdlib-ppl", "stdlib-nextline")
+# Computed in process from evaluation.lm's token NLL (no lm-eval); not part of the "offline" preset.
+LIKELIHOOD_TASK = "stdlib-likelihood"
+LIKELIHOOD_DEFAULTS: dict[str, int] = {"n": 48, "max_length": 128, "batch_size": 8}
+STDLIB_DOMAINS = ("docstrings", "source")
 # Metrics tried, in order, for a task given without one.
 _DEFAULT_METRICS = ("acc", "acc_norm", "exact_match", "f1", "mcc", "bits_per_byte", "word_perplexity")
 
@@ -79,6 +88,9 @@ def resolve_retention(entries: list[Any], n_docs: int = 200, generate: bool = Tr
                 raise UserError(
                     f"Retention entry {e!r} has no 'task' key: write {{task: NAME, metric: ...}}."
                 )
+            if e["task"] == LIKELIHOOD_TASK:
+                out.append(likelihood_ref({k: v for k, v in e.items() if k != "task"}))
+                continue
             base = resolve_retention([e["task"]], n_docs, generate)
             for r in base:
                 r.metric = e.get("metric", r.metric)
@@ -93,6 +105,8 @@ def resolve_retention(entries: list[Any], n_docs: int = 200, generate: bool = Tr
             out += resolve_retention(list(OFFLINE_TASKS), n_docs, generate)
         elif e in OFFLINE_TASKS:
             out.append(offline_task(e, n_docs) if generate else offline_ref(e))
+        elif e == LIKELIHOOD_TASK:
+            out.append(likelihood_ref({}))
         elif e.startswith("mlm:"):
             out.append(TaskRef(e, "", "perplexity", extra={"mlm": e[4:]}))
         elif e.endswith((".yaml", ".yml")):
@@ -108,6 +122,60 @@ def resolve_retention(entries: list[Any], n_docs: int = 200, generate: bool = Tr
         else:
             out.append(TaskRef(e, e, hub=True))
     return out
+
+
+def likelihood_ref(options: dict[str, Any]) -> TaskRef:
+    """The :class:`TaskRef` of ``stdlib-likelihood`` with ``options`` (``n``, ``max_length``, ``batch_size``;
+    positive integers) over :data:`LIKELIHOOD_DEFAULTS`."""
+    unknown = sorted(set(options) - set(LIKELIHOOD_DEFAULTS))
+    if unknown:
+        raise UserError(
+            f"Retention task {LIKELIHOOD_TASK} has no option {', '.join(map(repr, unknown))}: use "
+            f"{', '.join(LIKELIHOOD_DEFAULTS)}."
+        )
+    opts = {**LIKELIHOOD_DEFAULTS, **options}
+    for k, v in opts.items():
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise UserError(f"{LIKELIHOOD_TASK}: {k}={v!r} is invalid: use a positive integer.")
+    if opts["max_length"] < 2:
+        raise UserError(f"{LIKELIHOOD_TASK}: max_length={opts['max_length']} is too small: use 2 or more.")
+    return TaskRef(LIKELIHOOD_TASK, "", "likelihood", extra={"likelihood": opts})
+
+
+def stdlib_retention_texts(n: int, domains: tuple[str, ...] = STDLIB_DOMAINS) -> dict[str, list[str]]:
+    """A fixed sample of ``n`` held-out stdlib texts per domain (``docstrings``, ``source``: modules the
+    shipped demo model never saw; :mod:`disel.data.stdlib`'s ``heldout`` split), drawn with a generator seeded
+    by the domain's name and kept in the pool's order: what ``disel demo`` measures retention on."""
+    from ..data.stdlib import stdlib_docstrings, stdlib_source_chunks
+
+    readers = {"docstrings": stdlib_docstrings, "source": stdlib_source_chunks}
+    out = {}
+    for name in domains:
+        pool = readers[name]("heldout")
+        idx = sorted(random.Random(f"retention:{name}").sample(range(len(pool)), min(n, len(pool))))
+        out[name] = [pool[i] for i in idx]
+    return out
+
+
+def likelihood_retention(
+    model: Any, tokenizer: Any, texts: dict[str, list[str]], max_length: int, batch_size: int = 8
+) -> dict[str, Any]:
+    """Per-domain token NLL and perplexity of ``texts`` (:func:`disel.evaluation.lm.token_nll`: BOS first,
+    each text cut to ``max_length`` tokens) and the score, higher is better: ``exp(-mean NLL over domains)``,
+    the mean per-token likelihood. ``{"score", "domains": {domain: {"nll", "ppl"}}}``."""
+    import math
+
+    from .lm import token_nll
+
+    per = {
+        d: token_nll(model, tokenizer, t, max_length=max_length, batch_size=batch_size)
+        for d, t in texts.items()
+    }
+    mean_nll = sum(v["nll"] for v in per.values()) / len(per)
+    return {
+        "score": math.exp(-mean_nll),
+        "domains": {d: {"nll": v["nll"], "ppl": v["ppl"]} for d, v in per.items()},
+    }
 
 
 def _yaml_task_name(path: Path, entry: str) -> Any:
@@ -256,7 +324,8 @@ def task_data_path(ref: TaskRef) -> Path:
 
 
 def score_of(metric: str, value: float) -> float:
-    """The higher-is-better [0, 1] score of a raw metric value (see the module docstring)."""
+    """The higher-is-better [0, 1] score of a raw metric value (see the module docstring): accuracies and
+    ``likelihood`` as they are."""
     if metric == "bits_per_byte":
         return 2.0 ** (-value)
     if "perplexity" in metric or metric == "ppl":

@@ -2,7 +2,8 @@
 
 The ``spec`` (a dict, or a YAML file with the same keys; documented in docs/evaluation.md):
 
-    retention: [stdlib-ppl, stdlib-nextline]   # presets, offline tasks, lm-eval names/YAML paths, mlm:CORPUS
+    retention: [stdlib-ppl, stdlib-nextline]   # presets, offline tasks, stdlib-likelihood, lm-eval names/YAML
+                                               # paths, mlm:CORPUS
     target: {type: exact_match, path: data.jsonl}   # or gsm8k / humaneval / classification / lm_eval / none
     limit: 50          # documents per task (None: all)
     n_docs: 200        # size of the generated offline tasks
@@ -95,6 +96,12 @@ def _spec_key(spec: dict[str, Any]) -> str:
     keep = {k: spec.get(k) for k in ("retention", "limit", "n_docs", "max_length", "num_fewshot", "mlm")}
     text = json.dumps(keep, sort_keys=True, default=str)
     return hashlib.sha1(text.encode()).hexdigest()[:12]
+
+
+def target_key(spec: dict[str, Any]) -> str:
+    """A fingerprint of the spec's target: a cached base evaluation is reused only under the same target
+    (two runs on other test sets, e.g. one per seed, each get the base's score on their own)."""
+    return hashlib.sha1(json.dumps(spec.get("target"), sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 def _is_causal(model: Any) -> bool:
@@ -199,6 +206,15 @@ class _Retention:
         from .retention import run_lm_eval
 
         spec, ref = self.spec, self.refs[name]
+        if "likelihood" in ref.extra:  # in process, the demo's measure (no lm-eval)
+            from .retention import likelihood_retention, stdlib_retention_texts
+
+            self.check(model, [name])
+            opts = ref.extra["likelihood"]
+            n = min(opts["n"], spec["limit"]) if spec.get("limit") else opts["n"]
+            texts = stdlib_retention_texts(n)
+            res = likelihood_retention(model, tokenizer, texts, opts["max_length"], opts["batch_size"])
+            return float(res["score"]), "likelihood"
         if "mlm" not in ref.extra:
             self.check(model, [name])
             res = run_lm_eval(
@@ -282,6 +298,7 @@ def evaluate_model(model: Any, tokenizer: Any, spec: dict[str, Any] | None = Non
     }
     payload.update(evaluate_retention(model, tokenizer, spec))
     payload["spec_key"] = _spec_key(spec)
+    payload["target_key"] = target_key(spec)
     return payload
 
 
@@ -346,12 +363,14 @@ def _base_run_id(base: str) -> str:
 
 
 def cached_base_eval(store: Any, base: str, spec: dict[str, Any]) -> dict[str, Any] | None:
-    """The stored base-model evaluation of ``base`` under ``spec`` (kind "base_eval"), or None."""
+    """The stored base-model evaluation of ``base`` under ``spec`` (kind "base_eval": the same retention
+    settings and the same target), or None."""
     if store is None:
         return None
-    key = _spec_key(load_spec(spec))
+    spec = load_spec(spec)
+    key, tkey = _spec_key(spec), target_key(spec)
     for rec in reversed(store.records(kind="base_eval", run_id=_base_run_id(base))):
-        if rec.get("spec_key") == key:
+        if rec.get("spec_key") == key and rec.get("target_key") == tkey:
             return rec
     return None
 
@@ -369,6 +388,7 @@ def _compute_base(base: str, spec: dict[str, Any], task: str, tokenizer: Any) ->
     payload = evaluate_model(model, tok, bspec)
     payload["checkpoint"] = str(base)
     payload["method"] = "base"
+    payload["target_key"] = target_key(spec)  # what the cache is looked up by (bspec may drop the target)
     return payload
 
 
@@ -379,14 +399,15 @@ def base_eval(
     task: str = "causal_lm",
     tokenizer: Any = None,
 ) -> dict[str, Any]:
-    """The base model's retention (and target, for generation targets), cached as kind="base_eval"."""
+    """The base model's retention (and target, for generation targets), cached as kind="base_eval": one
+    record per retention spec and target, looked up by both (:func:`cached_base_eval`)."""
     spec = load_spec(spec)
     cached = cached_base_eval(store, base, spec)
     if cached is not None:
         return cached
     payload = _compute_base(base, spec, task, tokenizer)
-    if store is not None:
-        store.put("base_eval", _base_run_id(base), payload)
+    if store is not None:  # added beside the base's evaluations under other specs or targets, not over them
+        store.add("base_eval", _base_run_id(base), payload)
     return payload
 
 
@@ -560,7 +581,9 @@ def evaluate_run(
     def flush() -> None:
         if store is not None:
             for kind, rid, payload in pending:
-                store.put(kind, rid, payload)
+                # base evaluations accumulate (one per spec and target: runs of one sweep may have their own
+                # test sets); the plan is replaced
+                (store.add if kind == "base_eval" else store.put)(kind, rid, payload)
         pending.clear()
 
     plans = _records_of(store, PLAN_KIND, key, step=None)

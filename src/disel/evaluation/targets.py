@@ -1,5 +1,10 @@
 """Target-task metrics: GSM8K strict-match exact match, generic exact match from JSONL, classification.
 
+Exact match of greedy generations (:func:`generation_exact_match`) is one function for every caller: the
+``exact_match`` target of ``disel eval``/``disel sweep`` and ``disel demo``'s accuracy both call it, so a
+target spec with the demo's settings (``max_new_tokens: 4``, ``batch_size: 16``, ``stop: ["\\n"]``,
+``extract: first_word``) gives the demo's number.
+
 The GSM8K rule is lm-eval's ``gsm8k`` task, "strict-match" filter: take the first match of
 ``#### (\\-?[0-9\\.\\,]+)`` in the generation (``[invalid]`` when none), then lm-eval's ``exact_match`` with
 ``ignore_case`` and ``regexes_to_ignore`` = ``,``, ``\\$``, ``(?s).*#### ``, ``\\.$`` applied to both the
@@ -28,6 +33,13 @@ def gsm8k_extract(generation: str) -> str:
     return found[0].strip() if found else GSM8K_FALLBACK
 
 
+def first_word(generation: str) -> str | None:
+    """The first whitespace-separated word of a generation, trailing dots dropped ("9." -> "9"); None when the
+    generation is blank (it then matches no answer)."""
+    words = generation.split()
+    return words[0].rstrip(".") if words else None
+
+
 def _normalise(text: str, regexes: Sequence[str], ignore_case: bool) -> str:
     for rx in regexes:
         text = re.sub(rx, "", text)
@@ -47,7 +59,8 @@ def exact_match(
     ignore_case: bool = False,
     strip: bool = True,
 ) -> float:
-    """Fraction of predictions equal to their reference; ``extract`` = "gsm8k" (strict-match) or a regex
+    """Fraction of predictions equal to their reference; ``extract`` = "gsm8k" (strict-match), "first_word"
+    (:func:`first_word`: the first word, trailing dots dropped; a blank prediction never matches) or a regex
     whose first group (or whole match) is compared."""
     if len(predictions) != len(references) or not predictions:
         raise ValueError("exact_match needs equally many predictions and references, at least one.")
@@ -56,7 +69,12 @@ def exact_match(
         if extract == "gsm8k":
             hits += gsm8k_correct(p, r)
             continue
-        if extract:
+        if extract == "first_word":
+            word = first_word(p)
+            if word is None:
+                continue
+            p = word
+        elif extract:
             m = re.search(extract, p)
             p = (m.group(1) if m and m.groups() else m.group(0)) if m else ""
         if strip:
@@ -121,22 +139,50 @@ def read_jsonl(
     return out
 
 
-def evaluate_exact_match(model: Any, tokenizer: Any, target: dict[str, Any], limit: int | None) -> dict:
-    """Greedy generation on ``{"prompt", "answer"}`` lines; ``{"exact_match": ...}``."""
+def generation_exact_match(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    answers: Sequence[str],
+    *,
+    max_new_tokens: int = 32,
+    batch_size: int = 8,
+    stop: Sequence[str] = ("\n",),
+    extract: str | None = None,
+    ignore_case: bool = False,
+    progress: bool = False,
+) -> float:
+    """Exact-match accuracy of greedy completions (:func:`disel.evaluation.lm.greedy_generate`: BOS first,
+    left-padded batches of ``batch_size``, cut at the first ``stop`` string) against ``answers``, scored by
+    :func:`exact_match` with ``extract`` / ``ignore_case``."""
     from .lm import greedy_generate
 
-    recs = read_jsonl(target["path"], ("prompt", "answer"))[: limit or None]
     gens = greedy_generate(
         model,
         tokenizer,
+        list(prompts),
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        stop=tuple(stop),
+        progress=progress,
+    )
+    return exact_match(gens, [str(a) for a in answers], extract=extract, ignore_case=ignore_case)
+
+
+def evaluate_exact_match(model: Any, tokenizer: Any, target: dict[str, Any], limit: int | None) -> dict:
+    """Greedy generation on ``{"prompt", "answer"}`` lines (the first ``limit``); ``{"exact_match", "n"}``.
+
+    Target options: ``max_new_tokens`` (32), ``batch_size`` (8), ``stop`` (``["\\n"]``), ``extract``
+    (none; ``gsm8k``, ``first_word`` or a regex), ``ignore_case`` (false)."""
+    recs = read_jsonl(target["path"], ("prompt", "answer"))[: limit or None]
+    score = generation_exact_match(
+        model,
+        tokenizer,
         [r["prompt"] for r in recs],
+        [str(r["answer"]) for r in recs],
         max_new_tokens=int(target.get("max_new_tokens", 32)),
         batch_size=int(target.get("batch_size", 8)),
         stop=tuple(target.get("stop", ("\n",))),
-    )
-    score = exact_match(
-        gens,
-        [str(r["answer"]) for r in recs],
         extract=target.get("extract"),
         ignore_case=bool(target.get("ignore_case", False)),
     )

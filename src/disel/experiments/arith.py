@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..data.templates import ALPACA, QA, TEMPLATES
+from ..evaluation.targets import exact_match as exact_match_score
 
 ALPACA_TEMPLATE, QA_TEMPLATE = ALPACA, QA
 
@@ -205,6 +206,7 @@ def encode_sft(problems: list[Problem], tokenizer: Any, max_length: int = 128) -
 
 
 def exact_match(prediction: str, answer: str) -> bool:
-    """The first whitespace-separated word of the completion equals the answer (strict: no other number)."""
-    words = prediction.strip().split()
-    return bool(words) and words[0].rstrip(".") == answer
+    """The first whitespace-separated word of the completion, trailing dots dropped, equals the answer
+    (strict: no other number): the ``first_word`` rule of :func:`disel.evaluation.targets.exact_match`, which
+    the demo's accuracy and the pipeline's ``exact_match`` target score with."""
+    return exact_match_score([prediction], [answer], extract="first_word") == 1.0

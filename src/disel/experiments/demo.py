@@ -6,6 +6,13 @@ registry, the shared training core (:func:`disel.training.fit.fit`: the Trainer 
 with each method's callbacks), and the evaluation primitives (greedy exact match for the target, token
 NLL on held-out stdlib docstrings and source for retention). Gate values are recorded with forward hooks on
 the ``DiselGate`` modules.
+
+Every number is reproducible through the pipeline: the demo writes ``OUT/reproduce/`` (the task data of
+each seed, the calibration text, and ``sweep.yaml``: a ``disel sweep`` config whose grid is the runs the demo
+made, with the same data, order, schedule and checkpoints, and whose evaluation is the demo's two measures,
+the same functions: :func:`disel.evaluation.targets.generation_exact_match` and
+:func:`disel.evaluation.retention.likelihood_retention`). :func:`compare_with_pipeline` lines the demo's
+paths up with the sweep's records.
 """
 
 from __future__ import annotations
@@ -23,18 +30,19 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..assets import demo_model_dir, load_demo_model
+from ..assets import DEMO_MODEL, demo_model_dir, load_demo_model
 from ..errors import UserError
-from ..evaluation.lm import greedy_generate, token_nll
+from ..evaluation.retention import STDLIB_DOMAINS, likelihood_retention, stdlib_retention_texts
+from ..evaluation.targets import generation_exact_match
 from ..methods import build_model, get_method
 from ..methods.gated_lora.layer import DiselGate
 from ..training.fit import FitResult, fit
 from ..utils.io import atomic_dir, atomic_write_json, atomic_write_text, save_figure
 from ..utils.threads import torch_threads
 from . import frontier
-from .arith import arith_problems, encode_sft, exact_match
+from .arith import arith_problems, encode_sft
 
-RETENTION_DOMAINS = ("docstrings", "source")
+RETENTION_DOMAINS = STDLIB_DOMAINS
 RETENTION_SCORE = "mean per-token likelihood exp(-NLL) on held-out stdlib text (mean of the domains' NLL)"
 
 
@@ -111,15 +119,9 @@ class DemoConfig:
 
 
 def retention_texts(n: int) -> dict[str, list[str]]:
-    """Held-out stdlib text of each pretraining domain (modules the model never saw), a fixed sample."""
-    from ..data.stdlib import stdlib_docstrings, stdlib_source_chunks
-
-    pools = {"docstrings": stdlib_docstrings("heldout"), "source": stdlib_source_chunks("heldout")}
-    out = {}
-    for name, pool in pools.items():
-        idx = sorted(random.Random(f"retention:{name}").sample(range(len(pool)), min(n, len(pool))))
-        out[name] = [pool[i] for i in idx]
-    return out
+    """Held-out stdlib text of each pretraining domain (modules the model never saw), a fixed sample: the
+    pipeline's ``stdlib-likelihood`` retention task reads the same (:func:`stdlib_retention_texts`)."""
+    return stdlib_retention_texts(n, RETENTION_DOMAINS)
 
 
 def _collate(rows: list[dict[str, list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
@@ -170,31 +172,51 @@ def finetune(
     )
 
 
+# The target: greedy answers of at most 4 tokens in batches of 16, cut at a newline, scored by their first word
+# (arith.exact_match). The same settings are the exact_match target of OUT/reproduce/sweep.yaml.
+TARGET_SETTINGS: dict[str, Any] = {
+    "max_new_tokens": 4,
+    "batch_size": 16,
+    "stop": ["\n"],
+    "extract": "first_word",
+}
+RETENTION_BATCH_SIZE = 8
+
+
 def target_accuracy(model: nn.Module, tok: Any, problems: list, progress: bool = False) -> float:
-    preds = greedy_generate(
-        model, tok, [p.prompt for p in problems], max_new_tokens=4, stop=("\n",), progress=progress
+    """Exact-match accuracy on ``problems``: :func:`generation_exact_match` with :data:`TARGET_SETTINGS`,
+    the pipeline's ``exact_match`` target."""
+    return generation_exact_match(
+        model,
+        tok,
+        [p.prompt for p in problems],
+        [p.answer for p in problems],
+        max_new_tokens=TARGET_SETTINGS["max_new_tokens"],
+        batch_size=TARGET_SETTINGS["batch_size"],
+        stop=tuple(TARGET_SETTINGS["stop"]),
+        extract=TARGET_SETTINGS["extract"],
+        progress=progress,
     )
-    return sum(exact_match(y, p.answer) for y, p in zip(preds, problems, strict=True)) / len(problems)
 
 
 def retention(model: nn.Module, tok: Any, texts: dict[str, list[str]], max_tokens: int) -> dict[str, Any]:
-    """Per-domain NLL/perplexity and the score (higher is better): exp(-mean NLL over domains)."""
-    per = {d: token_nll(model, tok, t, max_length=max_tokens) for d, t in texts.items()}
-    mean_nll = sum(v["nll"] for v in per.values()) / len(per)
-    return {
-        "score": math.exp(-mean_nll),
-        "domains": {d: {"nll": v["nll"], "ppl": v["ppl"]} for d, v in per.items()},
-    }
+    """Per-domain NLL/perplexity and the score (higher is better): exp(-mean NLL over domains), the
+    pipeline's ``stdlib-likelihood`` retention task (:func:`likelihood_retention`)."""
+    return likelihood_retention(model, tok, texts, max_tokens, RETENTION_BATCH_SIZE)
+
+
+def calibration_texts(cfg: DemoConfig) -> list[str]:
+    """The pretraining-domain texts of :func:`calibration_batches` (stdlib *train* split), in order."""
+    from ..data import stdlib_docstrings, stdlib_source_chunks
+
+    half = max(1, cfg.n_calibration // 2)
+    return stdlib_docstrings("train")[:half] + stdlib_source_chunks("train")[:half]
 
 
 def calibration_batches(tok: Any, cfg: DemoConfig) -> list[dict[str, torch.Tensor]]:
     """Batches of pretraining-domain text (stdlib *train* split, not the held-out retention texts)."""
-    from ..data import stdlib_docstrings, stdlib_source_chunks
-
-    half = max(1, cfg.n_calibration // 2)
-    texts = stdlib_docstrings("train")[:half] + stdlib_source_chunks("train")[:half]
     rows = []
-    for t in texts:
+    for t in calibration_texts(cfg):
         ids = [tok.bos_token_id, *tok(t, add_special_tokens=False)["input_ids"]][: cfg.retention_max_tokens]
         rows.append({"input_ids": ids, "labels": list(ids)})
     return [_collate(rows[i : i + 8], tok.pad_token_id) for i in range(0, len(rows), 8)]
@@ -226,6 +248,288 @@ def save_task_data(out: Path, cfg: DemoConfig) -> None:
             out / f"arith_{split}.jsonl",
             "".join(json.dumps({"prompt": p.prompt, "answer": p.answer}) + "\n" for p in rows),
         )
+
+
+# --------------------------------------------------------------------------------------------------
+# Reproduction through the pipeline (disel sweep / disel report)
+
+REPRODUCE_DIR = "reproduce"
+# How close the pipeline's numbers are to the demo's, as measured (docs/demo.md; tests/test_demo_reproduce.py
+# checks the exact agreement).
+REPRODUCE_CLOSENESS = (
+    "Expected agreement: the same numbers, bit for bit, at every checkpoint, on the same machine, torch and "
+    "transformers versions and thread count ({threads} torch thread(s), hence `OMP_NUM_THREADS`): no "
+    "difference at all was measured (lora and disel over two seeds and two ranks with rank-scaled lr, and "
+    "dora, full, lalora, disel+lalora and queryable; docs/demo.md). With another thread count matmuls sum "
+    "in another order: retention then moves by about 1e-8 (measured with 2 threads; accuracy did not move)."
+)
+EXPORT_CLOSENESS = (
+    " {methods}: the pipeline evaluates each checkpoint through its export for the original base (a plain "
+    "LoRA adapter), the demo the model in memory on the rewritten base, which equals the original only up "
+    "to float error: retention differs by about 5e-9, step 0 included (measured on corda)."
+)
+
+
+def _default_optim() -> str:
+    """The optimizer ``transformers.TrainingArguments`` picks by default, which :func:`fit` (the demo's
+    training) leaves in place: ``adamw_torch_fused`` with torch >= 2.8, else ``adamw_torch``."""
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    value = next(f.default for f in dataclasses.fields(TrainingArguments) if f.name == "optim")
+    return str(getattr(value, "value", value))
+
+
+def _method_options(cfg: DemoConfig) -> dict[str, Any]:
+    """``options`` of every method the demo builds: the gate settings (every gated method reads the "disel"
+    section) and ``--extra``."""
+    return {
+        "disel": {"gate_bias_init": cfg.gate_bias_init, "gate_lr_multiplier": cfg.gate_lr_multiplier},
+        **copy.deepcopy(cfg.method_extra),
+    }
+
+
+def reproduction_config(
+    cfg: DemoConfig, seeds: list[int], ranks: list[int], root: str | Path, model: str | None = None
+) -> dict[str, Any]:
+    """A ``disel sweep`` config (a plain dict) that trains and evaluates exactly the runs of a demo.
+
+    ``root`` holds the task data of each seed (``data/s<SEED>/arith_{train,test}.jsonl``, as
+    :func:`save_task_data` writes it) and ``calibration.jsonl``; runs go to ``root/runs``. The training is
+    :func:`finetune`'s: the same examples in the same order (BOS first, loss on the answer), ``max_steps``,
+    batch, lr (``method_lr``: ``lr_full`` for full fine-tuning, rank-scaled when ``rank_scaled_lr``; the
+    gates at that lr x ``gate_lr_multiplier``), ``warmup_steps`` then cosine, clipping, seed, the Trainer's
+    default optimizer and float32; a checkpoint every ``eval_every`` steps. The evaluation is the demo's:
+    the ``exact_match`` target with :data:`TARGET_SETTINGS` on the seed's test questions and the
+    ``stdlib-likelihood`` retention task on ``n_retention`` texts per domain of ``retention_max_tokens``
+    tokens. The grid is methods x ranks x seeds; since each seed has its own data and a method or rank may
+    have its own lr, it is a list of blocks (see :mod:`disel.experiments.sweep`) unless one block says it all.
+    """
+    root = Path(root)
+
+    def data(seed: int, split: str) -> str:
+        return str(root / "data" / f"s{seed}" / f"arith_{split}.jsonl")
+
+    # (lr, methods) -> ranks: methods that share an lr at a rank train in one block
+    groups: dict[tuple[float, tuple[str, ...]], list[int]] = {}
+    for rank in ranks:
+        by_lr: dict[float, list[str]] = {}
+        for name in cfg.methods:
+            by_lr.setdefault(method_lr(name, replace(cfg, rank=rank)), []).append(name)
+        for lr, names in by_lr.items():
+            groups.setdefault((lr, tuple(names)), []).append(rank)
+    (lr0, names0), ranks0 = next(iter(groups.items()))
+    blocks = [
+        {
+            "method": list(names),
+            "method.rank": list(rks),
+            "seed": seed,
+            "training.lr": lr,
+            "data.train": data(seed, "train"),
+            "eval.target.path": data(seed, "test"),
+        }
+        for seed in seeds
+        for (lr, names), rks in groups.items()
+    ]
+    grid: Any = (
+        {"method": list(names0), "method.rank": list(ranks0), "seed": [seeds[0]]}
+        if len(blocks) == 1
+        else blocks
+    )
+    every = cfg.eval_every if cfg.eval_every > 0 else cfg.steps
+    return {
+        "model": {"name": model or DEMO_MODEL},
+        "method": {
+            "name": names0[0],
+            "rank": ranks0[0],
+            "target_modules": copy.deepcopy(cfg.target_modules),
+            "options": _method_options(cfg),
+            # methods that read data at build time: the demo's pretraining-domain texts and first problems
+            "calibration": str(root / "calibration.jsonl"),
+            "calibration_samples": cfg.n_calibration,
+            "calibration_max_length": cfg.retention_max_tokens,
+            "calibration_batch_size": 8,
+        },
+        "data": {
+            "format": "instruction",
+            "train": data(seeds[0], "train"),
+            "template": "{instruction}",  # the prompts already carry the template
+            "instruction_field": "prompt",
+            "input_field": None,
+            "response_field": "answer",
+            "max_length": 128,  # arith.encode_sft's
+        },
+        "training": {
+            "seed": seeds[0],
+            "max_steps": cfg.steps,
+            "lr": lr0,
+            "scheduler": "cosine",
+            "warmup_steps": cfg.warmup_steps,
+            "per_device_batch_size": cfg.batch_size,
+            "gradient_accumulation_steps": 1,
+            "weight_decay": cfg.weight_decay,
+            "max_grad_norm": 1.0,
+            "optim": _default_optim(),
+            "bf16": False,
+            "save_steps": every,
+        },
+        "eval": {
+            "retention": [
+                {
+                    "task": "stdlib-likelihood",
+                    "n": cfg.n_retention,
+                    "max_length": cfg.retention_max_tokens,
+                    "batch_size": RETENTION_BATCH_SIZE,
+                }
+            ],
+            "target": {
+                "type": "exact_match",
+                "path": data(seeds[0], "test"),
+                **copy.deepcopy(TARGET_SETTINGS),
+            },
+            "limit": None,
+        },
+        "output": {"dir": str(root / "runs")},
+        "grid": grid,
+    }
+
+
+def reproduce_commands(out: Path, threads: int | None) -> list[str]:
+    """The commands that rerun the demo through the pipeline (paths as the demo was given them)."""
+    rep = out / REPRODUCE_DIR
+    env = f"OMP_NUM_THREADS={threads} " if threads else ""
+    return [
+        f"{env}disel sweep {rep / 'sweep.yaml'}",
+        f"disel report {rep / 'runs' / 'results.sqlite'} --out {rep / 'report'}",
+    ]
+
+
+def _yaml(data: Any) -> str:
+    """YAML of plain data: lists of scalars on one line, strings with a newline in double quotes
+    (``stop: ["\\n"]``, not a folded block)."""
+    import yaml
+
+    class Dumper(yaml.SafeDumper):
+        pass
+
+    def text(dumper: yaml.SafeDumper, value: str) -> Any:
+        return dumper.represent_scalar("tag:yaml.org,2002:str", value, style='"' if "\n" in value else None)
+
+    def seq(dumper: yaml.SafeDumper, value: list) -> Any:
+        flat = all(not isinstance(v, dict | list) for v in value)
+        return dumper.represent_sequence("tag:yaml.org,2002:seq", value, flow_style=flat)
+
+    Dumper.add_representer(str, text)
+    Dumper.add_representer(list, seq)
+    return yaml.dump(data, Dumper=Dumper, sort_keys=False, width=110)
+
+
+def write_reproduction(
+    out: Path, cfg: DemoConfig, seeds: list[int], ranks: list[int], model: str | None = None
+) -> dict[str, Any]:
+    """Write ``OUT/reproduce/``: each seed's task data, the calibration text and ``sweep.yaml``
+    (:func:`reproduction_config`, checked by the pipeline's own config reader); what the report says of it."""
+    from ..training.config import config_from_dict
+
+    rep = out / REPRODUCE_DIR
+    root = rep.resolve()
+    for seed in seeds:
+        save_task_data(rep / "data" / f"s{seed}", replace(cfg, seed=seed))
+    atomic_write_text(
+        rep / "calibration.jsonl", "".join(json.dumps({"text": t}) + "\n" for t in calibration_texts(cfg))
+    )
+    config = reproduction_config(cfg, seeds, ranks, root, model)
+    config_from_dict(config)  # a config the pipeline rejects is a bug here, not the user's
+    commands = reproduce_commands(out, cfg.threads)
+    header = (
+        "# Written by `disel demo`: its runs through the pipeline (disel sweep, then disel report).\n"
+        + "".join(f"#   {c}\n" for c in commands)
+        + "# Paths are absolute: after moving this directory, edit them (data, eval target, output).\n"
+    )
+    atomic_write_text(rep / "sweep.yaml", header + _yaml(config))
+    return {"dir": str(rep), "config": str(rep / "sweep.yaml"), "commands": commands}
+
+
+def pipeline_paths(store_path: str | Path) -> dict[tuple[str, int, int], list[dict[str, Any]]]:
+    """The sweep's evaluations as demo paths: ``{(method, rank, seed): [{"step", "target_accuracy",
+    "retention", "checkpoint"}]}`` from the report's :func:`~disel.report.checkpoint_paths`: step 0 is the
+    base model's evaluation under the run's spec (the demo's step 0 is the freshly built adapter, which
+    computes the base's function for the methods registered ``starts_as_base``), then every
+    ``checkpoint-<step>``, then ``final`` at the run's ``max_steps``."""
+    from ..evaluation.runner import cached_base_eval
+    from ..report import checkpoint_paths
+    from ..results import ResultsStore
+    from ..rundir import read_run_file
+
+    store = ResultsStore(store_path)
+    out: dict[tuple[str, int, int], list[dict[str, Any]]] = {}
+    for run in checkpoint_paths(store):
+        info = read_run_file(run["run_dir"]) if run.get("run_dir") else None
+        info = info or {}
+        cfg = info.get("config") or {}
+        steps = int((cfg.get("training") or {}).get("max_steps") or info.get("global_step") or 0)
+        base = cached_base_eval(store, str(info.get("model")), cfg.get("eval") or {}) if info else None
+        points = []
+        if base is not None:
+            points.append(
+                {
+                    "step": 0,
+                    "target_accuracy": base["target_score"],
+                    "retention": base["retention_score"],
+                    "checkpoint": "base",
+                }
+            )
+        for pt in run["points"]:
+            points.append(
+                {
+                    "step": steps if pt["step"] is None else int(pt["step"]),
+                    "target_accuracy": pt["target_score"],
+                    "retention": pt["retention_score"],
+                    "checkpoint": pt["checkpoint"],
+                }
+            )
+        out[(str(run["method"]), int(run["rank"]), int(run["seed"]))] = points
+    return out
+
+
+def compare_with_pipeline(results: dict[str, Any], store_path: str | Path) -> dict[str, Any]:
+    """Line the demo's paths (``results["runs"]``) up with the pipeline's (:func:`pipeline_paths`) point by
+    point (the pipeline's ``checkpoint-<max_steps>`` and ``final`` both meet the demo's end point):
+    ``{"points": [{"method", "rank", "seed", "step", "checkpoint", "demo", "pipeline"}], "missing": [...],
+    "max_abs_diff": {"target_accuracy", "retention"}}``."""
+    pipe = pipeline_paths(store_path)
+    points: list[dict[str, Any]] = []
+    missing: list[str] = []
+    for run in results["runs"]:
+        key = (run["method"], int(run["rank"]), int(run["seed"]))
+        theirs = pipe.get(key)
+        if theirs is None:
+            missing.append(f"{key[0]} r{key[1]} seed {key[2]}: no pipeline run")
+            continue
+        by_step: dict[int, list[dict[str, Any]]] = {}
+        for q in theirs:
+            by_step.setdefault(q["step"], []).append(q)
+        for p in run["path"]:
+            if p["step"] not in by_step:
+                missing.append(f"{key[0]} r{key[1]} seed {key[2]}: no pipeline point at step {p['step']}")
+            for q in by_step.get(p["step"], []):
+                points.append(
+                    {
+                        "method": key[0],
+                        "rank": key[1],
+                        "seed": key[2],
+                        "step": p["step"],
+                        "checkpoint": q["checkpoint"],
+                        "demo": {k: p[k] for k in ("target_accuracy", "retention")},
+                        "pipeline": {k: q[k] for k in ("target_accuracy", "retention")},
+                    }
+                )
+    diff = {
+        k: max((abs(x["demo"][k] - x["pipeline"][k]) for x in points), default=float("nan"))
+        for k in ("target_accuracy", "retention")
+    }
+    return {"points": points, "missing": missing, "max_abs_diff": diff}
 
 
 def gate_stats(model: nn.Module, tok: Any, texts: dict[str, list[str]], max_tokens: int) -> dict[str, Any]:
@@ -398,6 +702,8 @@ def _run_demo(cfg: DemoConfig, out_dir: str | Path, log: Callable[[str], None]) 
     }
     if cfg.save_adapters:
         save_task_data(out / "data", replace(cfg, seed=seeds[0]))
+    model_ref = str(model_dir.resolve()) if cfg.model else None
+    results["reproduce"] = write_reproduction(out, cfg, seeds, ranks, model_ref)
     write_report(results, gate_samples, out)
     results["wall_seconds"] = round(time.time() - t0, 1)
     atomic_write_json(out / "results.json", results)
@@ -428,10 +734,7 @@ def _train_method(
         task_type="CAUSAL_LM",
         total_steps=cfg.steps,
         # every gated method (disel, disel+lalora, disel+corda) reads the "disel" section
-        options={
-            "disel": {"gate_bias_init": cfg.gate_bias_init, "gate_lr_multiplier": cfg.gate_lr_multiplier},
-            **copy.deepcopy(cfg.method_extra),
-        },
+        options=_method_options(cfg),
         # methods that read data at build time (LaLoRA's curvature, CorDA's covariance) see the
         # pretraining domains: the knowledge to keep
         calibration=lambda: calibration_batches(tok, cfg),
@@ -649,6 +952,35 @@ def _rank_lines(results: dict[str, Any]) -> list[str]:
     return [*lines, "", f"**{rank['sentence']}**", "", "![rank](rank.png)", ""]
 
 
+def _reproduce_lines(results: dict[str, Any]) -> list[str]:
+    rep = results.get("reproduce")
+    if not rep:
+        return []
+    threads = results["config"].get("threads")
+    exported = [m for m in results["config"]["methods"] if get_method(m).export is not None]
+    return [
+        "## Reproduce",
+        "",
+        f"`{rep['config']}` is a `disel sweep` config of exactly these runs (every method × rank × seed, the "
+        "same task data in the same order, steps, batch, learning rates, gate settings, warmup and schedule, "
+        "a checkpoint at every evaluation step) whose evaluation is this report's two measures (the "
+        "`exact_match` target with `extract: first_word` on the same test questions; the `stdlib-likelihood` "
+        "retention task on the same held-out texts and token budget). Through the pipeline:",
+        "",
+        "```bash",
+        *rep["commands"],
+        "```",
+        "",
+        "`summary.json` / `summary.md` of the report list every run's accuracy and retention at each "
+        "checkpoint (the demo's step 0 is the base model's row: the methods start as the base); "
+        "`disel.experiments.demo.compare_with_pipeline(results, store)` lines them up with `results.json`'s "
+        "paths. "
+        + REPRODUCE_CLOSENESS.format(threads=threads or "the same")
+        + (EXPORT_CLOSENESS.format(methods=", ".join(exported)) if exported else ""),
+        "",
+    ]
+
+
 def write_report(results: dict[str, Any], gate_samples: dict[str, Any], out: Path) -> None:
     import matplotlib
 
@@ -818,5 +1150,6 @@ def write_report(results: dict[str, Any], gate_samples: dict[str, Any], out: Pat
             "![gates](gates.png)",
             "",
         ]
+    lines += _reproduce_lines(results)
     lines.append(f"Wall time: {results['wall_seconds']:.0f} s (torch threads: {cfg['threads']}).")
     atomic_write_text(out / "report.md", "\n".join(lines) + "\n")

@@ -5,6 +5,14 @@ The grid is the cartesian product of the config's ``grid:`` lists, e.g.
 works; ``method``, ``rank`` and ``seed`` are short for ``method.name``, ``method.rank``, ``training.seed``).
 Each run gets a deterministic id from its grid values and lives in ``output.dir/<run_id>``.
 
+``grid:`` may also be a list of such mappings ("blocks"): the sweep is the union of their products, for
+settings that go together and a product cannot express (each seed with its own data file, each method with
+its own learning rate). In a block, a list is an axis and any other value is a setting shared by the
+block's runs: it is applied but takes no part in the run id (method, rank and seed always do), e.g.
+``grid: [{method: [lora, disel], seed: 0, data.train: s0.jsonl}, {method: [lora, disel], seed: 1,
+data.train: s1.jsonl}]``; a list-valued setting is written as an axis of one value (``[[q_proj, v_proj]]``).
+Two points with the same run id are an error.
+
 Crash safety: a finished run is recorded once in the results store (SQLite: each record is one
 transaction, so a kill leaves all of it or none), keyed by its run key (name + hash of its fingerprint and
 run dir), and in its ``run.json``; a rerun of the same sweep skips finished runs, resumes an unfinished one
@@ -63,28 +71,33 @@ def expand_grid(cfg: Config) -> list[Config]:
         raise UserError(
             "output.run_dir cannot be used in a sweep: set output.dir (runs go to output.dir/<run_id>)."
         )
-    grid = {canonical_key(k): v for k, v in (cfg.grid or {}).items()}
-    keys = list(grid)
-    points = list(itertools.product(*(grid[k] for k in keys))) if keys else [()]
+    blocks = cfg.grid if isinstance(cfg.grid, list) else [cfg.grid or {}]
+    base_values = {
+        "method.name": cfg.method.name,
+        "method.rank": cfg.method.rank,
+        "training.seed": cfg.training.seed,
+    }
     configs, seen = [], set()
-    for point in points:
-        values = dict(zip(keys, point))
-        base_values = {
-            "method.name": cfg.method.name,
-            "method.rank": cfg.method.rank,
-            "training.seed": cfg.training.seed,
-        }
-        ident = {**base_values, **values}
-        rid = run_id_for(ident)
-        if rid in seen:
-            raise UserError(f"The grid gives the run id {rid!r} twice: make the grid values distinct.")
-        seen.add(rid)
-        overrides: list[tuple[str, Any]] = list(values.items())
-        overrides += [("output.run_id", rid), ("grid", None)]
-        try:
-            configs.append(with_overrides(cfg, overrides))
-        except UserError as e:
-            raise UserError(f"grid point {values}: {e}") from e
+    for block in blocks:
+        block = {canonical_key(k): v for k, v in block.items()}
+        # a mapping grid: every value is an axis; a block of a list: lists are axes, other values settings
+        listed = isinstance(cfg.grid, list)
+        axes = {k: v for k, v in block.items() if not listed or isinstance(v, list)}
+        settings = {k: v for k, v in block.items() if k not in axes}
+        keys = list(axes)
+        for point in itertools.product(*(axes[k] for k in keys)) if keys else [()]:
+            values = dict(zip(keys, point))
+            ident = {**base_values, **{k: v for k, v in settings.items() if k in _SHORT}, **values}
+            rid = run_id_for(ident)
+            if rid in seen:
+                raise UserError(f"The grid gives the run id {rid!r} twice: make the grid values distinct.")
+            seen.add(rid)
+            overrides: list[tuple[str, Any]] = [*settings.items(), *values.items()]
+            overrides += [("output.run_id", rid), ("grid", None)]
+            try:
+                configs.append(with_overrides(cfg, overrides))
+            except UserError as e:
+                raise UserError(f"grid point { ({**settings, **values}) }: {e}") from e
     return configs
 
 

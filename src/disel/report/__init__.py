@@ -7,7 +7,9 @@
 - ``summary.md`` / ``summary.json``: the table behind the trade-off plot, and notes: a run evaluated without
   a target (its retention is shown at its final checkpoint, and it is left out of the trade-off plot) and
   a run whose evaluation is incomplete (its ``eval_plan`` lists checkpoints or metrics that have no record
-  yet: each such run is named with what is missing, and counted in the table's last column).
+  yet: each such run is named with what is missing, and counted in the table's last column); then every
+  run's target and retention score at each checkpoint (:func:`checkpoint_paths`: what ``disel demo``'s
+  paths are compared with).
 
 All files are written atomically.
 """
@@ -144,12 +146,7 @@ def best_evals(store: ResultsStore) -> list[dict[str, Any]]:
     checkpoints of it are missing."""
     runs = {_key(r): r for r in store.records(kind="run")}
     status = evaluation_status(store)
-    by_run: dict[str, dict[Any, dict[str, Any]]] = defaultdict(dict)
-    for rec in store.records(kind="eval"):
-        st = status.get(_key(rec))
-        if st is not None and rec.get("units_key") != st["units_key"]:
-            continue  # a record of an earlier evaluation spec
-        by_run[_key(rec)][rec.get("step")] = rec  # later records of a step replace earlier ones
+    by_run = _current_evals(store)  # later records of a step replace earlier ones
     out = []
     for run_id, recs in by_run.items():
         scored = [r for r in recs.values() if r.get("target_score") is not None]
@@ -175,6 +172,68 @@ def best_evals(store: ResultsStore) -> list[dict[str, Any]]:
             }
         )
     return out
+
+
+def _current_evals(store: ResultsStore) -> dict[str, dict[Any, dict[str, Any]]]:
+    """``{run key: {step: eval record}}`` of the records of each run's current plan (the latest per step)."""
+    status = evaluation_status(store)
+    by_run: dict[str, dict[Any, dict[str, Any]]] = defaultdict(dict)
+    for rec in store.records(kind="eval"):
+        st = status.get(_key(rec))
+        if st is not None and rec.get("units_key") != st["units_key"]:
+            continue  # a record of an earlier evaluation spec
+        by_run[_key(rec)][rec.get("step")] = rec
+    return by_run
+
+
+def checkpoint_paths(store: ResultsStore) -> list[dict[str, Any]]:
+    """Every run's scores at each checkpoint in step order (``final`` last), sorted by method, rank, seed:
+    ``[{"run_key", "run_id", "run_dir", "method", "rank", "seed", "points": [{"checkpoint", "step",
+    "target_score", "retention_score"}]}]``."""
+    runs = {_key(r): r for r in store.records(kind="run")}
+    out = []
+    for key, recs in _current_evals(store).items():
+        run = runs.get(key, {})
+        any_rec = next(iter(recs.values()))
+        steps = sorted(recs, key=lambda s: (s is None, s or 0))
+        out.append(
+            {
+                "run_key": key,
+                "run_id": any_rec.get("run_id", run.get("run_id")),
+                "run_dir": any_rec.get("run_dir", run.get("run_dir")),
+                "method": any_rec.get("method") or run.get("method"),
+                "rank": any_rec.get("rank", run.get("rank")),
+                "seed": _seed_of(key, runs, any_rec),
+                "points": [
+                    {
+                        "checkpoint": _step_label(s),
+                        "step": s,
+                        "target_score": recs[s].get("target_score"),
+                        "retention_score": recs[s].get("retention_score"),
+                    }
+                    for s in steps
+                ],
+            }
+        )
+    return sorted(out, key=lambda r: (str(r["method"]), r["rank"] or 0, str(r["seed"]), r["run_key"]))
+
+
+def checkpoint_table(paths: list[dict[str, Any]]) -> str:
+    """The markdown table of :func:`checkpoint_paths` (full precision, for comparing runs number by number)."""
+    lines = [
+        "## Every checkpoint",
+        "",
+        "| run | checkpoint | target | retention |",
+        "|---|---|---:|---:|",
+    ]
+    for r in paths:
+        for pt in r["points"]:
+            t, rt = pt["target_score"], pt["retention_score"]
+            lines.append(
+                f"| {r['run_id']} | {pt['checkpoint']} | {'–' if t is None else repr(float(t))} | "
+                f"{'–' if rt is None else repr(float(rt))} |"
+            )
+    return "\n".join(lines) + "\n"
 
 
 def _mean_std(xs: list[float]) -> tuple[float | None, float | None]:
@@ -387,14 +446,18 @@ def make_report(
     status = evaluation_status(store)
     warnings = incomplete_warnings(store, status)
     table = markdown_table(rows, base, warnings)
+    paths = checkpoint_paths(store)
     summary = {
         "rows": [asdict(r) for r in rows],
         "base": base,
         "incomplete": {k: v["missing"] for k, v in status.items() if v["missing"]},
         "warnings": warnings,
+        "checkpoints": paths,
     }
     files = {
-        "table": atomic_write_text(out / "summary.md", table),
+        "table": atomic_write_text(
+            out / "summary.md", table + ("\n" + checkpoint_table(paths) if paths else "")
+        ),
         "json": atomic_write_json(out / "summary.json", summary, indent=2),
         "tradeoff": plot_tradeoff(rows, base, out / "tradeoff.png"),
     }
@@ -410,6 +473,8 @@ def make_report(
 
 __all__ = [
     "best_evals",
+    "checkpoint_paths",
+    "checkpoint_table",
     "evaluation_status",
     "incomplete_runs",
     "incomplete_warnings",

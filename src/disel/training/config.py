@@ -97,6 +97,7 @@ class TrainingConfig:
     adam_epsilon: float = 1e-8
     scheduler: str = "cosine"
     warmup_ratio: float = 0.02
+    warmup_steps: int | None = None  # a number of warmup steps; when set, it replaces warmup_ratio
     per_device_batch_size: int = 8
     gradient_accumulation_steps: int | None = None  # derived from effective_batch_size when unset
     effective_batch_size: int | None = None  # per_device * accumulation * world size
@@ -139,7 +140,10 @@ class Config:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     eval: dict[str, Any] | None = None  # evaluation spec, passed to disel.evaluation.evaluate_run
     output: OutputConfig = field(default_factory=OutputConfig)
-    grid: dict[str, list[Any]] | None = None  # used by `disel sweep` only
+    # used by `disel sweep` only: a mapping of lists (their product), or a list of such mappings (the union of
+    # their products; in a list, a key with a single value that is not a list is a setting of that block's
+    # runs, not an axis). See disel.experiments.sweep.
+    grid: dict[str, list[Any]] | list[dict[str, Any]] | None = None
 
     # -- derived values --------------------------------------------------------------------------
     @property
@@ -446,6 +450,8 @@ def validate(cfg: Config) -> None:
         raise UserError("training.epochs and training.max_steps are both <= 0: set one of them.")
     if not 0.0 <= t.warmup_ratio < 1.0:
         raise UserError(f"training.warmup_ratio={t.warmup_ratio} is invalid: use a value in [0, 1).")
+    if t.warmup_steps is not None and t.warmup_steps < 0:
+        raise UserError(f"training.warmup_steps={t.warmup_steps} is invalid: use 0 or more steps, or null.")
     if t.per_device_batch_size < 1:
         raise UserError(f"training.per_device_batch_size={t.per_device_batch_size} must be >= 1.")
     if t.gradient_accumulation_steps is not None and t.gradient_accumulation_steps < 1:
@@ -469,10 +475,19 @@ def validate(cfg: Config) -> None:
         raise UserError("eval must be a mapping (the evaluation spec) or absent.")
     if o.run_id is not None and ("/" in o.run_id or o.run_id in ("", ".", "..")):
         raise UserError(f"output.run_id={o.run_id!r} is invalid: use a name without '/'.")
-    if cfg.grid is not None:
+    if isinstance(cfg.grid, dict):
         for k, v in cfg.grid.items():
             if not isinstance(v, list) or not v:
                 raise UserError(f"grid.{k}={v!r} is invalid: give a non-empty list of values.")
+    elif cfg.grid is not None:
+        if not cfg.grid:
+            raise UserError("grid is an empty list: list one or more mappings of grid values.")
+        for i, block in enumerate(cfg.grid):
+            if not isinstance(block, dict) or not block:
+                raise UserError(f"grid[{i}]={block!r} is invalid: each block is a non-empty mapping.")
+            for k, v in block.items():
+                if isinstance(v, list) and not v:
+                    raise UserError(f"grid[{i}].{k} is an empty list: give one or more values.")
 
 
 def _validate_trainer_args(t: TrainingConfig) -> None:
@@ -540,6 +555,9 @@ _NOT_RESULT_FIELDS = {
     "push_to_hub",
     "hub_model_id",
 }
+# Training fields added after runs were made: left out of the fingerprint while they have this value, so the
+# run dirs made before them keep their fingerprints (and are not trained again).
+_UNSET_LATER_FIELDS: dict[str, Any] = {"warmup_steps": None}
 
 
 def fingerprint(cfg: Config) -> str:
@@ -550,7 +568,11 @@ def fingerprint(cfg: Config) -> str:
     import hashlib
     import json
 
-    training = {k: v for k, v in asdict(cfg.training).items() if k not in _NOT_RESULT_FIELDS}
+    training = {
+        k: v
+        for k, v in asdict(cfg.training).items()
+        if k not in _NOT_RESULT_FIELDS and not (k in _UNSET_LATER_FIELDS and v == _UNSET_LATER_FIELDS[k])
+    }
     ident = {
         "model": asdict(cfg.model),
         "model_files": _model_files(cfg.model.name),

@@ -88,7 +88,7 @@ def ensure_pad_token(tokenizer: Any) -> None:
             tokenizer.add_special_tokens({"pad_token": "<pad>"})
 
 
-def _with_bos(ids: list[int], tok: Any) -> list[int]:
+def with_bos(ids: list[int], tok: Any) -> list[int]:
     """Start with BOS whenever the tokenizer has one, as generation and scoring do (``disel.evaluation.lm``).
 
     Llama-style tokenizers add it themselves; others (GPT-2's, the shipped demo model's) do not, and a model
@@ -108,7 +108,7 @@ def _instruction_example(row: Row, d: DataConfig, tok: Any, template: str) -> di
         prompt = template.format(instruction=instruction)
     except (KeyError, IndexError) as e:
         raise UserError(f"data.template has a placeholder other than {{instruction}}: {e}.") from e
-    prompt_ids = _with_bos(tok(prompt, add_special_tokens=True)["input_ids"], tok)
+    prompt_ids = with_bos(tok(prompt, add_special_tokens=True)["input_ids"], tok)
     resp_ids = tok(response, add_special_tokens=False)["input_ids"]
     if tok.eos_token_id is not None:
         resp_ids = resp_ids + [tok.eos_token_id]
@@ -122,7 +122,7 @@ def _instruction_example(row: Row, d: DataConfig, tok: Any, template: str) -> di
 def _text_example(row: Row, d: DataConfig, tok: Any) -> dict[str, Any] | None:
     text = _field(row, d.text_field)
     ids = tok(text, add_special_tokens=True, truncation=True, max_length=d.max_length)["input_ids"]
-    ids = _with_bos(ids, tok)[: d.max_length]
+    ids = with_bos(ids, tok)[: d.max_length]
     if len(ids) < 2:
         return None
     return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": list(ids)}

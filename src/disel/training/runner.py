@@ -46,8 +46,8 @@ from ..rundir import (
 )
 from ..utils.io import atomic_write_json, fsync_tree
 from .config import Config, effective_lr, run_key
-from .data import PadCollator, PreparedData, ensure_pad_token, prepare_data
-from .distributed import barrier, is_main_process, trainable_hash, world_size
+from .data import PadCollator, PreparedData, ensure_pad_token, prepare_data, with_bos
+from .distributed import barrier, check_launch, is_main_process, trainable_hash, world_size
 from .trainer import (
     LossTally,
     checkpoint_state_callback,
@@ -168,7 +168,9 @@ def calibration_batches(cfg: Config, tokenizer: Any) -> Callable[[], list[dict[s
         ensure_pad_token(tokenizer)
         examples = []
         for t in texts:
+            # BOS first, as in training and evaluation (disel.training.data.with_bos), within the max length
             ids = tokenizer(t, truncation=True, max_length=m.calibration_max_length)["input_ids"]
+            ids = with_bos(ids, tokenizer)[: m.calibration_max_length]
             if len(ids) >= 2:
                 examples.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": list(ids)})
         if not examples:
@@ -271,7 +273,8 @@ def training_arguments(cfg: Config, run_dir: Path, accum: int, progress: bool) -
         max_steps=t.max_steps,
         learning_rate=effective_lr(cfg),
         lr_scheduler_type=t.scheduler,
-        warmup_steps=t.warmup_ratio,  # a float in [0, 1) is a ratio of the total steps
+        # a float in [0, 1) is a ratio of the total steps, an int a number of steps
+        warmup_steps=t.warmup_steps if t.warmup_steps is not None else t.warmup_ratio,
         weight_decay=t.weight_decay,
         adam_beta1=t.adam_beta1,
         adam_beta2=t.adam_beta2,
@@ -375,12 +378,14 @@ def train(
     run; a second one gets a :class:`UserError`. ``store`` (a :class:`disel.results.ResultsStore`, default
     ``output.results``) gets one ``kind="run"`` record, keyed by the run key, when the run finishes.
     """
+    check_launch()
     if (cfg.training.fsdp or os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true") and not (
         torch.cuda.is_available()
     ):
         raise UserError(
-            "FSDP needs GPUs and this machine has none: drop training.fsdp / the FSDP accelerate config, or "
-            "train data-parallel on CPU with torchrun (gloo)."
+            "FSDP needs GPUs and this machine has none (on CPU accelerate would silently train plain DDP): "
+            "drop training.fsdp / the FSDP accelerate config, or train on CPU with torchrun or "
+            "`accelerate launch --multi_gpu` (gloo DDP), or with the DeepSpeed accelerate config."
         )
     cfg = claim_run_dir(cfg)
     with contextlib.ExitStack() as stack:
@@ -423,6 +428,9 @@ def _train_locked(
     run_dir = cfg.run_dir
     main = is_main_process()
     world = world_size()
+    accum = accumulation_steps(cfg, world)
+    # the process group is up from here on (TrainingArguments joins it): the barriers below really wait
+    args = training_arguments(cfg, run_dir, accum, progress)
     info = read_run_file(run_dir)
     if cfg.output.overwrite:
         if main and run_dir.exists():
@@ -462,8 +470,6 @@ def _train_locked(
 
     set_seed(cfg.training.seed)
     tokenizer = load_tokenizer(cfg)
-    accum = accumulation_steps(cfg, world)
-    args = training_arguments(cfg, run_dir, accum, progress)
     with args.main_process_first(desc="reading the data"):  # downloads and caches once, then every rank
         data = prepare_data(cfg, tokenizer)
     if data.dropped:
@@ -579,6 +585,7 @@ def _recipe(cfg: Config, steps: int) -> dict[str, Any]:
             "gate_lr": t.gate_lr,
             "scheduler": t.scheduler,
             "warmup_ratio": t.warmup_ratio,
+            "warmup_steps": t.warmup_steps,
             "per_device_batch_size": t.per_device_batch_size,
             "weight_decay": t.weight_decay,
             "seed": t.seed,
