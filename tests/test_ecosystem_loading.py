@@ -287,27 +287,6 @@ def test_model_card_recipe_kept_and_user_text_kept(saved, tmp_path):
 
 # -- lm-eval through `disel lm-eval` ------------------------------------------------------------------------
 
-_TASK = """\
-task: eco_tiny_ppl
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-output_type: loglikelihood_rolling
-test_split: test
-doc_to_text: ""
-doc_to_target: "{{{{text}}}}"
-metric_list:
-  - metric: word_perplexity
-    aggregation: weighted_perplexity
-    higher_is_better: false
-  - metric: bits_per_byte
-    aggregation: bits_per_byte
-    higher_is_better: false
-metadata:
-  version: 1.0
-"""
-
 
 def test_disel_lm_eval_cli_scores_the_adapter(saved, tmp_path, monkeypatch):
     from lm_eval import simple_evaluate
@@ -318,11 +297,11 @@ def test_disel_lm_eval_cli_scores_the_adapter(saved, tmp_path, monkeypatch):
 
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from disel.evaluation.retention import write_rolling_likelihood_task
+
     tasks = tmp_path / "tasks"
-    tasks.mkdir()
     texts = ["def f(x):\n    return x + 1\n", "the quick brown fox jumps over the lazy dog", "import os, sys"]
-    (tasks / "data.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
-    (tasks / "eco_tiny_ppl.yaml").write_text(_TASK.format(data=json.dumps(str(tasks / "data.jsonl"))))
+    write_rolling_likelihood_task(tasks, "eco_tiny_ppl", [{"text": t} for t in texts])
     out = tmp_path / "out"
     rc = main(
         [

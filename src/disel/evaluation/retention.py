@@ -289,6 +289,17 @@ metadata:
 """
 
 
+def write_rolling_likelihood_task(directory: Path, task: str, docs: list[dict[str, str]]) -> Path:
+    """Write an lm-eval task ``task`` (``directory/task.yaml`` + ``data.jsonl``) scoring the rolling
+    log-likelihood of each doc's ``text`` (word/byte perplexity, bits per byte); returns the YAML's path.
+    The offline ``stdlib-ppl`` task is one; pass ``--include_path directory`` to lm-eval for your own."""
+    directory.mkdir(parents=True, exist_ok=True)
+    data, yaml_path = directory / "data.jsonl", directory / f"{task}.yaml"
+    atomic_write_text(data, "".join(json.dumps(x) + "\n" for x in docs))
+    atomic_write_text(yaml_path, _PPL_YAML.format(task=task, data=json.dumps(str(data.resolve()))))
+    return yaml_path
+
+
 def offline_ref(name: str) -> TaskRef:
     """The :class:`TaskRef` of an offline task without its data (``include_path`` None)."""
     metric = "bits_per_byte" if name == "stdlib-ppl" else "acc"
@@ -302,15 +313,14 @@ def offline_task(name: str, n_docs: int = 200) -> TaskRef:
     d = cache_dir() / f"{task}-{key}"
     yaml_path = d / f"{task}.yaml"
     if not yaml_path.exists():
-        data = d / "data.jsonl"
         if name == "stdlib-ppl":
-            docs, template = _ppl_docs(n_docs), _PPL_YAML
+            write_rolling_likelihood_task(d, task, _ppl_docs(n_docs))
         elif name == "stdlib-nextline":
-            docs, template = _nextline_docs(n_docs), _MC_YAML
+            data = d / "data.jsonl"
+            atomic_write_text(data, "".join(json.dumps(x) + "\n" for x in _nextline_docs(n_docs)))
+            atomic_write_text(yaml_path, _MC_YAML.format(task=task, data=json.dumps(str(data.resolve()))))
         else:  # pragma: no cover - guarded by OFFLINE_TASKS
             raise UserError(f"{name!r} is not an offline task: choose one of {', '.join(OFFLINE_TASKS)}.")
-        atomic_write_text(data, "".join(json.dumps(x) + "\n" for x in docs))
-        atomic_write_text(yaml_path, template.format(task=task, data=json.dumps(str(data.resolve()))))
     ref = offline_ref(name)
     ref.include_path = str(d)
     return ref
