@@ -5,7 +5,8 @@ layer. The DISeL adapter is synthetic with a stated split: in every layer a rand
 the rank components has a gate that is always closed (b_g = -12, W_g = 0), an ``--open`` fraction one that is
 always open (b_g = +12, W_g = 0), and the rest input-dependent gates (b_g = 0, random W_g). The gates are then
 recorded on the benchmark input and compacted with the library (``plan_compaction``,
-``add_compacted_adapter``, ``merge_static``), so what is timed is what ``disel compact`` produces.
+``add_compacted_adapter``, ``merge_static``), so what is timed is what ``disel compact`` produces. The
+contenders are built by ``disel.commands.bench.build_model_variants``, as for ``disel bench --model``.
 
 Contenders, timed interleaved (random order per round, medians, paired ratios with 95% confidence intervals
 of the median, :mod:`disel.utils.timing`):
@@ -24,33 +25,22 @@ of the median, :mod:`disel.utils.timing`):
 from __future__ import annotations
 
 import argparse
-import copy
 import statistics
 import sys
 
-import peft
 import torch
 
-import disel
-from disel.analysis import GateRecorder, add_compacted_adapter, cost_report, plan_compaction
 from disel.commands.bench import (
     _interleave,
     _on_path,
     _summary,
     add_llama_arguments,
     bench_llama,
+    build_model_variants,
     machine_info,
-    synthetic_gates,
 )
 from disel.utils.io import atomic_write_json
 from disel.utils.timing import format_interval
-
-
-def synthetic_disel(base: torch.nn.Module, r: int, closed: float, opened: float, seed: int) -> peft.PeftModel:
-    """DISeL adapter on every linear layer with a fixed fraction of closed / open / input-dependent gates."""
-    pm = peft.get_peft_model(base, disel.DiselConfig(r=r, lora_alpha=2 * r, target_modules="all-linear"))
-    synthetic_gates(pm, closed, opened, seed)
-    return pm.eval()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -67,26 +57,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    base = bench_llama(args.hidden, args.layers, args.vocab, args.tokens).eval()
+    base = bench_llama(args.hidden, args.layers, args.vocab, args.tokens).requires_grad_(False).eval()
     ids = torch.randint(0, args.vocab, (1, args.tokens), generator=torch.Generator().manual_seed(1))
-
-    pm = synthetic_disel(copy.deepcopy(base), args.r, args.closed, args.open, seed=2)
-    with torch.no_grad(), GateRecorder(pm, thresholds=(0.02, 0.98)) as rec:
-        pm(input_ids=ids)
-    plan = plan_compaction(rec.stats())
-    compact = copy.deepcopy(pm)
-    add_compacted_adapter(compact, plan, "default", "compact")
-    compact.set_adapter("compact")
-    compact.delete_adapter("default")
-    merged = copy.deepcopy(compact)
-    merge_counts = disel.merge_static(merged, "compact")
-    lora = peft.get_peft_model(
-        copy.deepcopy(base), peft.LoraConfig(r=args.r, lora_alpha=2 * args.r, target_modules="all-linear")
-    ).eval()
-    with torch.no_grad():
-        for n, w in lora.named_parameters():
-            if "lora_B" in n:
-                w.normal_(0.0, 0.02)
+    # the contenders of `disel bench --model` (synthetic gates, recorded and compacted by the library)
+    variants, info = build_model_variants(base, args.r, ids, args.closed, args.open, seed=2)
+    pm, compact, merged, lora = (variants[n] for n in ("disel", "disel_compact", "disel_merged", "lora"))
 
     with torch.no_grad():
         logits = {n: m(input_ids=ids).logits for n, m in (("disel", pm), ("compact", compact), ("m", merged))}
@@ -116,10 +91,10 @@ def main(argv: list[str] | None = None) -> int:
     res = {
         "shape": {**vars(args)},
         "machine": machine_info(),
-        "gates": f"synthetic: per layer {args.closed:.0%} closed, {args.open:.0%} open, rest input-dependent",
-        "counts": plan.counts(),
-        "merge_static": merge_counts,
-        "cost": cost_report(pm, plan),
+        "gates": info["gates"],
+        "counts": info["counts"],
+        "merge_static": info["merge_static"],
+        "cost": info["cost"],
         "fidelity": fidelity,
         "vs_disel": vs_disel,
         "vs_base": vs_base,

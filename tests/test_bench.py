@@ -313,3 +313,35 @@ def test_gpu_check_script_cpu_dry_run(tmp_path):
     report = json.loads(out.read_text())
     assert report["dry_run"] and report["kernel_check"]["ok"]
     assert len(report["layer"]) == 2 and set(report["model"]["generate"]) == set(MODEL_INFER_VARIANTS)
+
+
+def test_bench_compact_script_reuses_the_model_variants(tmp_path, capsys, monkeypatch):
+    """benchmarks/bench_compact.py builds its contenders with disel bench's build_model_variants."""
+    from disel.commands import bench
+
+    spec = importlib.util.spec_from_file_location("bench_compact", ROOT / "benchmarks" / "bench_compact.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    calls = []
+    real = bench.build_model_variants
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(mod, "build_model_variants", spy)
+    out = tmp_path / "compact.json"
+    args = ["--hidden", "64", "--layers", "1", "--vocab", "64", "--r", "4", "--tokens", "8", "--repeats", "2"]
+    assert mod.main([*args, "--threads", "1", "--out", str(out)]) == 0
+    assert calls == [1]
+    res = json.loads(out.read_text())
+    assert set(res["vs_disel"]) == {
+        "disel",
+        "compact",
+        "compact_module_path",
+        "compact_merged",
+        "lora",
+        "base",
+    }
+    assert res["fidelity"]["compact_vs_disel_max_abs_logit_diff"] < 1e-4
+    assert "| compact |" in capsys.readouterr().out

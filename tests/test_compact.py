@@ -284,3 +284,45 @@ def test_encode_items_masks_responses_for_analysis_and_every_token_for_compactio
     assert resp.ids == every.ids and len(resp.ids) == 1 + n_p + n_r
     assert resp.mask == [False] * (1 + n_p) + [True] * n_r
     assert every.mask == [False] + [True] * (n_p + n_r)
+
+
+def test_interleaved_times_pairs_rounds_and_restores_the_model(monkeypatch):
+    from disel.analysis.compact import interleaved_times, speedup_interval
+    from disel.utils import timing
+
+    pm, ids = _compacted()
+    pm.set_adapter("default")
+    att = torch.ones_like(ids)
+    with torch.no_grad():
+        before = pm(input_ids=ids).logits
+    seen = {}
+    real = timing.interleaved
+
+    def spy(fns, repeats, warmup=1, **kw):
+        seen.update(names=list(fns), repeats=repeats, setup=sorted(kw["setup"]))
+        return real(fns, repeats, warmup, **kw)
+
+    monkeypatch.setattr(timing, "interleaved", spy)
+    times = interleaved_times(pm, ids, att, ["default", "compact"], repeats=3)
+    assert seen == {
+        "names": ["default", "compact", "base"],
+        "repeats": 3,
+        "setup": ["base", "compact", "default"],
+    }
+    assert {n: len(t) for n, t in times.items()} == {"default": 3, "compact": 3, "base": 3}
+    iv = speedup_interval(times)
+    assert iv["n"] == 3 and iv["ci_low"] <= iv["median"] <= iv["ci_high"]
+    assert pm.active_adapter == "default"  # adapters switched back on, the active one restored
+    with torch.no_grad():
+        torch.testing.assert_close(pm(input_ids=ids).logits, before)
+
+
+def test_speedup_line_only_for_an_interval_that_excludes_one():
+    from disel.commands.compact import speedup_line
+
+    iv = {"median": 1.2, "q25": 1.1, "q75": 1.3, "ci_low": 1.05, "ci_high": 1.31, "ci_level": 0.961, "n": 9}
+    assert speedup_line("forward speed-up", iv) == (
+        "forward speed-up 1.200 [1.050, 1.310]x (median [96% interval], 9 rounds)"
+    )
+    assert speedup_line("forward speed-up", {**iv, "ci_low": 0.98}) is None  # includes 1: no claim
+    assert speedup_line("forward speed-up", {**iv, "ci_level": 0.75, "n": 3}) is None  # too few rounds

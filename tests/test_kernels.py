@@ -13,6 +13,7 @@ from torch import nn
 
 import disel
 from disel.cli import main as cli_main
+from disel.methods.gated_lora import kernels
 from disel.methods.gated_lora.kernels import _GatedLoRAFunction, fused_gated_update, reference_path
 from disel.testing import TinyMLP
 
@@ -69,6 +70,30 @@ def test_gradcheck_float64(logit_scale):
     torch.testing.assert_close(fused_gated_update(x, res, dw, gw, gb, uw, 1.7, logit_scale), ref)
     with torch.no_grad():  # the inference branch (no autograd node) agrees too
         torch.testing.assert_close(fused_gated_update(x, res, dw, gw, gb, uw, 1.7, logit_scale), ref)
+
+
+def test_fast_path_applies_decides_from_the_modules():
+    pm = _disel_mlp()
+    layer = pm.base_model.model.lin1
+    a, b, g = layer.lora_A["default"], layer.lora_B["default"], layer.lora_gate["default"]
+    assert kernels.fast_path_applies(a, b, g)
+    for module in (a, b, g):
+        for register in ("register_forward_hook", "register_full_backward_hook"):
+            args = (lambda *h: None,)
+            handle = getattr(module, register)(*args)
+            assert not kernels.fast_path_applies(a, b, g), (type(module).__name__, register)
+            handle.remove()
+        module.forward = module.forward  # replaced on the instance (as accelerate's hooks do)
+        assert not kernels.fast_path_applies(a, b, g)
+        del module.forward
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda *h: None)
+    assert not kernels.fast_path_applies(a, b, g)
+    handle.remove()
+    with reference_path():
+        assert not kernels.fast_path_applies(a, b, g)
+    a.to(torch.float64)
+    assert not kernels.fast_path_applies(a, b, g)  # mixed adapter dtypes
+    assert kernels.fast_path_applies(a.float(), b, g)
 
 
 def test_peft_layer_matches_reference_and_uses_fast_path(count_fused):

@@ -28,7 +28,6 @@ import math
 import os
 import shutil
 import statistics
-import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -277,41 +276,53 @@ def speedup_interval(times: dict[str, list[float]], slow: str = "default", fast:
     return ratio_interval(times[slow], times[fast])
 
 
+@torch.no_grad()
 def interleaved_times(
-    peft_model: nn.Module, ids: torch.Tensor, att: torch.Tensor, adapters: list[str], repeats: int = 20
+    peft_model: nn.Module,
+    ids: torch.Tensor,
+    att: torch.Tensor,
+    adapters: list[str],
+    repeats: int = 20,
+    warmup: int = 1,
+    seed: int = 0,
 ) -> dict[str, list[float]]:
-    """Forward times (seconds, one per round) of each adapter (and "base", adapters off) on one batch, with
-    the variants run in alternating order within each round so drifts in machine load hit all of them alike."""
+    """Forward times (seconds, one per round) of each adapter and of "base" (adapters off) on one batch.
+
+    :func:`disel.utils.timing.interleaved`: ``warmup`` untimed forwards of each, then ``repeats`` rounds that
+    run every variant once in a fresh random order (so a drift in machine load hits all of them alike), the
+    garbage collector between rounds; switching adapters (``set_adapter``, adapter layers off for "base")
+    happens outside the clock. ``times[a][i] / times[b][i]`` are paired: :func:`speedup_interval`.
+    """
+    from ..utils.timing import interleaved
+
     active = peft_model.active_adapter
+    tuner = peft_model.base_model
     dev = next(peft_model.parameters()).device
     ids, att = ids.to(dev), att.to(dev)
-    names = [*adapters, "base"]
-    times: dict[str, list[float]] = {n: [] for n in names}
 
-    def run(name: str) -> float:
-        sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-        if name == "base":
-            with peft_model.disable_adapter():
-                sync()
-                t0 = time.perf_counter()
-                peft_model(input_ids=ids, attention_mask=att)
-                sync()
-                return time.perf_counter() - t0
-        peft_model.set_adapter(name)
-        sync()
-        t0 = time.perf_counter()
+    def forward() -> None:
         peft_model(input_ids=ids, attention_mask=att)
-        sync()
-        return time.perf_counter() - t0
 
-    for n in names:  # warm-up
-        run(n)
-    for rep in range(repeats):
-        order = names if rep % 2 == 0 else names[::-1]
-        for n in order:
-            times[n].append(run(n))
-    peft_model.set_adapter(active)
-    return times
+    def use(name: str) -> Any:
+        def setup() -> None:
+            tuner.enable_adapter_layers()
+            peft_model.set_adapter(name)
+
+        return setup
+
+    names = [*adapters, "base"]
+    setup = {n: use(n) for n in adapters}
+    setup["base"] = tuner.disable_adapter_layers
+    sync = torch.cuda.synchronize if dev.type == "cuda" else None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # disable_adapter_layers warns about biases on every call
+            return interleaved(
+                dict.fromkeys(names, forward), repeats, warmup, seed=seed, sync=sync, setup=setup
+            )
+    finally:
+        tuner.enable_adapter_layers()
+        peft_model.set_adapter(active)
 
 
 @torch.no_grad()

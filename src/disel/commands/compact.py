@@ -4,7 +4,8 @@ Records the gates on the calibration data, plans per layer and component (drop /
 LoRA part / keep gated), writes the compacted adapter to ``--out`` (loads with one
 ``PeftModel.from_pretrained``) with ``compaction.json``: counts, parameter and multiply-add savings, and,
 on ``--heldout`` data (default: the calibration data), logit and NLL fidelity and an interleaved timing
-of the original and compacted forwards.
+of the original and compacted forwards (:mod:`disel.utils.timing`: interleaved rounds in random order, the
+paired speed-up with its confidence interval; the speed-up is printed only when that interval excludes 1).
 
 ``--merge-static`` also folds the static part into the base weights (``disel.merge_static``) and writes
 ``--out`` as a full model directory (merged base + tokenizer + ``compaction.json``) with the remaining gated
@@ -56,6 +57,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu")
 
 
+def speedup_line(what: str, iv: dict) -> str | None:
+    """``what 1.23 [1.10, 1.31]x (median [95% interval], n rounds)`` for a speed-up interval of paired rounds
+    (:func:`disel.utils.timing.ratio_interval`), or None when the interval includes 1 (on this machine, in
+    this state, no speed-up was measured, and none is claimed) or covers less than 90% (fewer than 5 rounds)."""
+    from ..utils.timing import format_interval
+
+    if iv["ci_level"] < 0.9 or iv["ci_low"] <= 1.0 <= iv["ci_high"]:
+        return None
+    return f"{what} {format_interval(iv)}x (median [{iv['ci_level']:.0%} interval], {iv['n']} rounds)"
+
+
 def run(args: argparse.Namespace) -> int:
     from ..analysis.api import compact_adapter
 
@@ -83,20 +95,14 @@ def run(args: argparse.Namespace) -> int:
         f"kept gated: {c['gated']}  layers removed: {c['layers_removed']}/{c['layers']}"
     )
     print(json.dumps({k: report[k] for k in ("cost", "fidelity") if k in report}, indent=1))
-    if "speedup_forward_interval" in report:
-        from ..utils.timing import format_interval
-
-        iv = report["speedup_forward_interval"]
-        if iv["ci_low"] <= 1.0 <= iv["ci_high"]:
-            print(
-                f"forward speed-up not measurable: {format_interval(iv)}x includes 1 (noise on this machine)"
-            )
-        else:
-            print(
-                f"forward speed-up {format_interval(iv)}x (median [{iv['ci_level']:.0%} interval], {iv['n']} rounds)"
-            )
-    if "speedup_forward_merged" in report:
-        print(f"forward speed-up with the static part merged {report['speedup_forward_merged']:.3f}x")
+    for key, what in (
+        ("speedup_forward_interval", "forward speed-up"),
+        ("speedup_forward_merged_interval", "forward speed-up with the static part merged"),
+    ):
+        if key in report:
+            line = speedup_line(what, report[key])
+            if line:
+                print(line)
     if args.merge_static:
         left = report["merge_static"]["gated_components"]
         print(

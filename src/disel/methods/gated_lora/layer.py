@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from peft.tuners.lora import layer as lora_layer
 from peft.tuners.lora.layer import LoraLayer, LoraVariant
 from torch import nn
+from torch.nn.modules import module as _nn_module
 
 from .._input_dependent import NonMergeableVariant
 from . import kernels
@@ -59,6 +60,8 @@ class DiselGate(nn.Module):
         self.weight = nn.Parameter(torch.empty(r - num_static, width))
         self.bias = nn.Parameter(torch.empty(r - num_static))
         self.override: float | None = None
+        # [D; s W_g] and [0, b_g] for calls without autograd (kernels.WeightCache; not in the state dict)
+        self.weight_cache = kernels.WeightCache()
 
     @property
     def input_scale(self) -> float:
@@ -92,11 +95,20 @@ class DiselGate(nn.Module):
     def fast_path_ok(self) -> bool:
         """Whether a fused kernel may compute this gate without calling the module.
 
-        False while anything must observe or alter the gate: forward hooks (gate recording) or a forced value.
-        Static (ungated) components are fine: the fused kernel takes ``num_static`` and treats them as gate 1.
-        Fused implementations must fall back to calling ``gate(x)`` when this is False.
+        False while anything must observe or alter the gate: forward or backward hooks (gate recording), a
+        replaced ``forward``, or a forced value. Static (ungated) components are fine: the fused kernel takes
+        ``num_static`` and treats them as gate 1. Fused implementations must fall back to calling ``gate(x)``
+        when this is False.
         """
-        return self.override is None and not self._forward_hooks and not self._forward_pre_hooks
+        return self.override is None and kernels.unhooked(self)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> DiselGate:
+        # .to() / .half() / .cuda() give the parameters new tensors: drop the cached copy now, not at the next
+        # call (it would be recomputed then anyway, see kernels.WeightCache), so the old memory is freed.
+        cache = getattr(self, "weight_cache", None)
+        if cache is not None:
+            cache.clear()
+        return super()._apply(fn, recurse)
 
     def extra_repr(self) -> str:
         return (
@@ -148,17 +160,20 @@ class DiselLinearVariant(NonMergeableVariant):
         lora_B = module.lora_B[active_adapter]
         gate = module.lora_gate[active_adapter]
         scaling = module.scaling[active_adapter]
-        if kernels.fast_path_applies(lora_A, lora_B, gate):
+        tensors = kernels.fast_tensors(lora_A, lora_B, gate)
+        if tensors is not None:
+            down_w, gate_w, gate_b, up_w = tensors
             return kernels.fused_gated_update(
                 x,
                 result,
-                lora_A.weight,
-                gate.weight,
-                gate.bias,
-                lora_B.weight,
+                down_w,
+                gate_w,
+                gate_b,
+                up_w,
                 scaling,
                 gate.input_scale,
                 gate.num_static,
+                cache=getattr(gate, "weight_cache", None),
             )
         return result + gated_delta(x, lora_A, lora_B, gate, scaling)
 
@@ -176,6 +191,121 @@ class DiselLinear(lora_layer.Linear):
     @property
     def lora_variants(self) -> dict[tuple[str, ...], type[LoraVariant] | None]:
         return {(): DiselLinearVariant}
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """PEFT's LoRA forward, or, in the common case, the whole layer in one fused kernel.
+
+        The common case: no extra arguments (no ``adapter_names`` mixed batch), one active DISeL adapter on
+        the fused path (the conditions of :func:`kernels.fast_tensors`), adapters not disabled, a plain
+        unhooked ``nn.Linear`` base, no dropout to apply (``lora_dropout=0``, or eval mode) and one dtype for
+        x, the base and the adapter. Then ``kernels.fused_gated_update(..., base_weight=W)`` computes
+        ``x W.T + b + scaling U (g(x) * D x)`` itself, which is exactly what PEFT's forward computes through
+        :meth:`DiselLinearVariant.forward`, with fewer full-width passes and less Python per call (this
+        check runs on every call and reads everything it depends on: nothing is cached but the no-grad
+        weight copy, see ``kernels.WeightCache``). Everything else, and everything under
+        ``kernels.reference_path()``, goes through PEFT's forward.
+        """
+        if not args and not kwargs and kernels._ENABLED:
+            out = self._whole_layer_forward(x)
+            if out is not None:
+                return out
+        return super().forward(x, *args, **kwargs)
+
+    def _whole_layer_forward(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The whole-layer kernel's output when it computes exactly what PEFT's forward would, else None.
+
+        Written for speed, as it runs on every call: the checks are inlined and read the instance dicts
+        directly (PEFT's adapter state included; a PEFT version whose attributes differ takes PEFT's forward).
+        """
+        d = self.__dict__
+        try:
+            if d["_disable_adapters"] or d["merged_adapters"]:
+                return None
+            name = d["_active_adapter"]
+            mods = d["_modules"]
+            variants = d["lora_variant"]
+        except KeyError:
+            return None
+        if type(name) is not str:
+            if len(name) != 1:
+                return None
+            name = name[0]
+        lora_A = mods["lora_A"]._modules.get(name)
+        if lora_A is None or not isinstance(variants.get(name), DiselLinearVariant):
+            return None
+        lora_B = mods["lora_B"]._modules[name]
+        gate = mods["lora_gate"]._modules[name]
+        dropout = mods["lora_dropout"]._modules[name]
+        base = mods["base_layer"]
+        drop_t = type(dropout)
+        if (
+            type(base) is not nn.Linear
+            or type(lora_A) is not nn.Linear
+            or type(lora_B) is not nn.Linear
+            or type(gate) is not DiselGate
+            or not (drop_t is nn.Identity or (drop_t is nn.Dropout and not dropout.training))
+        ):
+            return None
+        # no hooks on any of the five modules (kernels.hooked, inlined), none global, a plain gate
+        for m in (base, lora_A, lora_B, gate, dropout):
+            md = m.__dict__
+            if (
+                md["_forward_hooks"]
+                or md["_forward_pre_hooks"]
+                or md["_backward_hooks"]
+                or md["_backward_pre_hooks"]
+                or "forward" in md
+            ):
+                return None
+        g = _nn_module
+        if (
+            g._global_forward_hooks
+            or g._global_forward_pre_hooks
+            or g._global_backward_hooks
+            or g._global_backward_pre_hooks
+        ):
+            return None
+        gd = gate.__dict__
+        if gd["override"] is not None or gd.get("proj") is not None or gd["_modules"].get("proj") is not None:
+            return None  # forced, or with a bottleneck (proj is a submodule then)
+        pa, pb, pg, pw = lora_A._parameters, lora_B._parameters, gate._parameters, base._parameters
+        down_w, up_w, gate_w, gate_b, base_w, base_b = (
+            pa["weight"],
+            pb["weight"],
+            pg["weight"],
+            pg["bias"],
+            pw["weight"],
+            pw["bias"],
+        )
+        dtype = x.dtype
+        if (
+            pa["bias"] is not None
+            or pb["bias"] is not None
+            or down_w.dtype != dtype
+            or up_w.dtype != dtype
+            or gate_w.dtype != dtype
+            or gate_b.dtype != dtype
+            or base_w.dtype != dtype
+            or (base_b is not None and base_b.dtype != dtype)
+        ):
+            return None
+        num_static = gd["num_static"]
+        if gate_w.shape[0] + num_static != down_w.shape[0]:
+            return None
+        return kernels.fused_gated_update(
+            x,
+            None,
+            down_w,
+            gate_w,
+            gate_b,
+            up_w,
+            d["scaling"][name],
+            1.0 / math.sqrt(gd["in_features"]) if gd["logit_scale"] else 1.0,  # gate.input_scale
+            num_static,
+            base_weight=base_w,
+            base_bias=base_b,
+            cache=gd.get("weight_cache"),
+        )
 
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
         raise TypeError(MERGE_ERROR)
