@@ -261,7 +261,9 @@ REPRODUCE_CLOSENESS = (
     "transformers versions and thread count ({threads} torch thread(s), hence `OMP_NUM_THREADS`): no "
     "difference at all was measured (lora and disel over two seeds and two ranks with rank-scaled lr, and "
     "dora, full, lalora, disel+lalora and queryable; docs/demo.md). With another thread count matmuls sum "
-    "in another order: retention then moves by about 1e-8 (measured with 2 threads; accuracy did not move)."
+    "in another order and training takes another float path: a few steps give differences of about 1e-8, "
+    "but over hundreds of steps the paths part like another CPU's (the default demo at 2 threads: "
+    "retention 0.0172 vs 0.0163 at step 200, accuracy 0.24 vs 0.29 at step 300), so set the thread count."
 )
 EXPORT_CLOSENESS = (
     " {methods}: the pipeline evaluates each checkpoint through its export for the original base (a plain "
@@ -973,7 +975,7 @@ def _reproduce_lines(results: dict[str, Any]) -> list[str]:
         "",
         "`summary.json` / `summary.md` of the report list every run's accuracy and retention at each "
         "checkpoint (the demo's step 0 is the base model's row: the methods start as the base); "
-        "`disel.experiments.demo.compare_with_pipeline(results, store)` lines them up with `results.json`'s "
+        "`disel.experiments.demo.compare_with_pipeline(results, store_path)` lines them up with `results.json`'s "
         "paths. "
         + REPRODUCE_CLOSENESS.format(threads=threads or "the same")
         + (EXPORT_CLOSENESS.format(methods=", ".join(exported)) if exported else ""),
