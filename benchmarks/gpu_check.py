@@ -39,24 +39,16 @@ TOL = {torch.bfloat16: 3e-2, torch.float16: 5e-3}
 DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
-class _Proj(nn.Module):
-    def __init__(self, d_in: int, d_out: int):
-        super().__init__()
-        self.proj = nn.Linear(d_in, d_out, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x)
-
-
 def _layer(case: str, d: int, r: int, dtype: torch.dtype, device: str, seed: int) -> nn.Module:
     """One adapted linear layer with non-trivial U and input-dependent gates; fp32 weights for 'autocast'."""
     import peft
 
     import disel
+    from disel.commands.bench import OneLinear
 
     torch.manual_seed(seed)
     wdtype = torch.float32 if case == "autocast" else dtype
-    base = _Proj(d, d).to(device=device, dtype=wdtype)
+    base = OneLinear(d, d).to(device=device, dtype=wdtype)
     opts: dict[str, Any] = {"r": r, "lora_alpha": 2 * r, "target_modules": ["proj"], "lora_dropout": 0.0}
     if case == "logit_scale":
         opts["gate_logit_scale"] = True

@@ -54,7 +54,9 @@ MODEL_PRESETS = {
 INTERVAL_KEYS = ("median", "q25", "q75", "ci_low", "ci_high", "ci_level", "n")
 
 
-class _OneLinear(nn.Module):
+class OneLinear(nn.Module):
+    """A module holding one bias-free linear layer named ``proj``: the layer the benchmarks adapt."""
+
     def __init__(self, d_in: int, d_out: int):
         super().__init__()
         self.proj = nn.Linear(d_in, d_out, bias=False)
@@ -105,7 +107,7 @@ def build_contenders(
 ) -> dict[str, tuple[nn.Module, bool]]:
     """name -> (model, use_reference_path). Every adapter gets non-zero U so all paths do real work."""
     torch.manual_seed(seed)
-    base = _OneLinear(d_in, d_out).to(device=device, dtype=dtype)
+    base = OneLinear(d_in, d_out).to(device=device, dtype=dtype)
     base.requires_grad_(False)
     return adapt_contenders(base, r, ["proj"])
 
