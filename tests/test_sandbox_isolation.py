@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 
@@ -153,25 +154,34 @@ def test_non_root_evaluator_gets_the_user_namespace_sandbox(tmp_path):
         {"program": t.program, "tests": t.tests, "entry_point": t.entry_point} for t in (canon, net, forkmem)
     ]
     rows.append({"program": unjudged.program})
-    proc = subprocess.run(
-        [
-            "setpriv",
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
-            python,
-            "-I",
-            "-S",
-            "-c",
-            CHILD,
-            str(SANDBOX_PY),
-        ],
-        input=json.dumps(rows),
-        capture_output=True,
-        text=True,
-        cwd="/",
-        timeout=120,
-    )
+    # nobody must be able to read the module: the checkout may sit in a private directory (mktemp -d)
+    readable = Path(tempfile.mkdtemp(prefix="disel-sandbox-src-", dir="/tmp"))
+    readable.chmod(0o755)
+    module = readable / "sandbox.py"
+    shutil.copyfile(SANDBOX_PY, module)
+    module.chmod(0o644)
+    try:
+        proc = subprocess.run(
+            [
+                "setpriv",
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                python,
+                "-I",
+                "-S",
+                "-c",
+                CHILD,
+                str(module),
+            ],
+            input=json.dumps(rows),
+            capture_output=True,
+            text=True,
+            cwd="/",
+            timeout=120,
+        )
+    finally:
+        shutil.rmtree(readable, ignore_errors=True)
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     if out["python"] is None:
