@@ -35,7 +35,6 @@ CATEGORIES = {
     "sigmoid / glu (DISeL)": ("aten::sigmoid", "aten::glu", "aten::glu_backward", "aten::sigmoid_backward"),
     "mul / add / scale": ("aten::mul", "aten::mul_", "aten::add", "aten::add_", "aten::div", "aten::sub"),
     "copies, cat, sum": ("aten::copy_", "aten::cat", "aten::sum", "aten::clone", "aten::contiguous"),
-    "DISeL autograd Function (its Python forward / backward)": ("_GatedLinearFunction", "_GatedLoRAFunction"),
 }
 
 
