@@ -345,3 +345,47 @@ def test_bench_compact_script_reuses_the_model_variants(tmp_path, capsys, monkey
     }
     assert res["fidelity"]["compact_vs_disel_max_abs_logit_diff"] < 1e-4
     assert "| compact |" in capsys.readouterr().out
+
+
+def _load_ab_kernel():
+    spec = importlib.util.spec_from_file_location("ab_kernel", ROOT / "benchmarks" / "ab_kernel.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_ab_kernel_compares_two_kernel_files(tmp_path):
+    """The same kernel file as baseline gives identical gradients; a wrong one shows; bad paths are refused."""
+    from disel.methods.gated_lora import kernels, layer
+
+    ab = _load_ab_kernel()
+    src = Path(kernels.__file__).read_text()
+    same, wrong = tmp_path / "same.py", tmp_path / "wrong.py"
+    same.write_text(src)
+    # a baseline that computes another function: the update scaled by 1.1
+    wrong.write_text(
+        src.replace(
+            "out = F.linear(x2d, base_weight, base_bias).addmm_(h, up_t, alpha=scaling)",
+            "out = F.linear(x2d, base_weight, base_bias).addmm_(h, up_t, alpha=scaling * 1.1)",
+        )
+    )
+    assert wrong.read_text() != src
+    tiny = ["--hidden", "64", "--layers", "1", "--vocab", "128", "--tokens", "16", "--repeats", "2"]
+    results = {}
+    for name, path in (("same", same), ("wrong", wrong)):
+        out = tmp_path / f"{name}.json"
+        assert ab.main(["--baseline", str(path), *tiny, "--memory-tokens", "16", "--out", str(out)]) == 0
+        results[name] = json.loads(out.read_text())
+        assert layer.kernels is kernels  # the library's module is put back
+    assert results["same"]["max_grad_diff"] == 0.0
+    assert results["wrong"]["max_grad_diff"] > 1e-3 * results["wrong"]["max_grad"]
+    res = results["same"]
+    assert set(res["ratios"]) == {"current_vs_baseline", "current_vs_lora", "baseline_vs_lora"}
+    assert all(
+        iv["n"] == 2 and iv["ci_low"] <= iv["median"] <= iv["ci_high"] for iv in res["ratios"].values()
+    )
+    peak = res["peak_mb"]["16"]
+    assert peak["baseline"] == peak["current"] > 0 and peak["lora"] > 0
+    for bad in (tmp_path / "missing.py", ROOT / "README.md"):
+        with pytest.raises(SystemExit, match="baseline"):
+            ab.main(["--baseline", str(bad), *tiny])

@@ -1,0 +1,151 @@
+"""Two versions of DISeL's kernel module against each other and PEFT LoRA, in one process: whole-model training
+step time (paired, interleaved) and peak step memory.
+
+The baseline is any file holding a version of ``disel/methods/gated_lora/kernels.py``, for example the one
+of an earlier commit::
+
+    git show 86e9fd8:src/disel/methods/gated_lora/kernels.py > /tmp/kernels_before.py
+    taskset -c 1 python benchmarks/ab_kernel.py --baseline /tmp/kernels_before.py --threads 1
+
+Both versions run on the same DISeL model (``disel.methods.gated_lora.layer`` is pointed at one module or
+the other before each step, outside the clock), LoRA on a copy of the same base, every round in a fresh
+random order (:func:`disel.utils.timing.interleaved`); printed: the paired ratios with their 95% intervals
+(``current / baseline``, and each against LoRA), the largest gradient difference between the two versions
+(they compute the same function: it must be at float rounding), and the peak tensor bytes of one step
+(``disel.commands.bench.AllocationPeak``) at each ``--memory-tokens`` count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib.util
+import json
+import statistics
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
+
+import torch
+from torch import nn
+
+from disel.commands.bench import _model_step_peak, _randomise_up, bench_llama, machine_info
+from disel.methods.gated_lora import layer as disel_layer
+from disel.utils.threads import torch_threads
+from disel.utils.timing import interleaved, ratio_interval
+
+
+def load_kernels(path: Path) -> ModuleType:
+    if not path.is_file():
+        raise SystemExit(f"--baseline {path} does not exist: pass a copy of kernels.py (see the docstring).")
+    spec = importlib.util.spec_from_file_location("disel_kernels_baseline", path)
+    if spec is None or spec.loader is None:
+        raise SystemExit(f"--baseline {path} is not a Python file: pass a copy of kernels.py.")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "fused_gated_update"):
+        raise SystemExit(f"--baseline {path} has no fused_gated_update: pass a copy of kernels.py.")
+    return module
+
+
+def build(tokens: int, hidden: int, layers: int, vocab: int, r: int, dropout: float) -> dict[str, nn.Module]:
+    import peft
+
+    import disel
+
+    torch.manual_seed(0)
+    base = bench_llama(hidden, layers, vocab, tokens)
+    common = {"r": r, "lora_alpha": 2 * r, "target_modules": "all-linear", "lora_dropout": dropout}
+    lora = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**common))
+    dis = peft.get_peft_model(copy.deepcopy(base), disel.DiselConfig(**common))
+    _randomise_up(lora, 1)
+    _randomise_up(dis, 1)
+    return {"lora": lora, "disel": dis}
+
+
+def step_fn(model: nn.Module, kernels: ModuleType, ids: torch.Tensor) -> Callable[[], None]:
+    def step() -> None:
+        disel_layer.kernels = kernels
+        torch.manual_seed(0)  # dropout masks alike for both versions
+        model.zero_grad(set_to_none=True)
+        model(input_ids=ids, labels=ids).loss.backward()
+
+    return step
+
+
+def _grads(model: nn.Module) -> list[torch.Tensor]:
+    return [p.grad.detach().clone() for p in model.parameters() if p.requires_grad and p.grad is not None]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--baseline", type=Path, required=True, help="A copy of an earlier kernels.py.")
+    p.add_argument("--tokens", type=int, default=256)
+    p.add_argument("--hidden", type=int, default=512)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--vocab", type=int, default=4096)
+    p.add_argument("--r", type=int, default=16)
+    p.add_argument("--dropout", type=float, default=0.0, help="lora_dropout (> 0: the adapter-only kernel).")
+    p.add_argument("--repeats", type=int, default=15)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument(
+        "--memory-tokens", default="256,1024,2048", help="Token counts for the memory peaks ('' skips)."
+    )
+    p.add_argument("--out", type=Path, help="Also write the result as JSON.")
+    args = p.parse_args(argv)
+    baseline = load_kernels(args.baseline)
+    current = disel_layer.kernels
+    result: dict = {"machine": machine_info(), "settings": vars(args) | {"baseline": str(args.baseline)}}
+    with torch_threads(args.threads):
+        models = build(args.tokens, args.hidden, args.layers, args.vocab, args.r, args.dropout)
+        ids = torch.randint(3, args.vocab, (1, args.tokens), generator=torch.Generator().manual_seed(10))
+        grads = {}
+        for name, mod in (("baseline", baseline), ("current", current)):
+            step_fn(models["disel"], mod, ids)()
+            grads[name] = _grads(models["disel"])
+        diff = max((a - b).abs().max().item() for a, b in zip(grads["baseline"], grads["current"]))
+        scale = max(g.abs().max().item() for g in grads["current"])
+        fns = {
+            "lora": step_fn(models["lora"], current, ids),
+            "baseline": step_fn(models["disel"], baseline, ids),
+            "current": step_fn(models["disel"], current, ids),
+        }
+        times = interleaved(fns, args.repeats, warmup=2)
+        disel_layer.kernels = current
+        result["max_grad_diff"] = diff
+        result["max_grad"] = scale
+        result["median_ms"] = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+        result["ratios"] = {
+            "current_vs_baseline": ratio_interval(times["current"], times["baseline"]),
+            "current_vs_lora": ratio_interval(times["current"], times["lora"]),
+            "baseline_vs_lora": ratio_interval(times["baseline"], times["lora"]),
+        }
+        print(f"gradients, current vs baseline: max |diff| {diff:.2e} (max |grad| {scale:.2e})")
+        print(f"train step, {args.tokens} tokens, {args.threads} thread(s), {args.repeats} rounds:")
+        for k, iv in result["ratios"].items():
+            print(
+                f"  {k:<20} {iv['median']:.3f} [{iv['ci_low']:.3f}, {iv['ci_high']:.3f}] ({iv['ci_level']:.1%} CI)"
+            )
+        result["peak_mb"] = {}
+        for t in [int(s) for s in args.memory_tokens.split(",") if s.strip()]:
+            ms = build(t, args.hidden, args.layers, args.vocab, args.r, args.dropout)
+            tid = torch.randint(3, args.vocab, (1, t), generator=torch.Generator().manual_seed(10))
+            row = {}
+            for name, m, mod in (("lora", ms["lora"], current), ("baseline", ms["disel"], baseline)):
+                row[name] = _model_step_peak(step_fn(m, mod, tid), "cpu") / 1e6
+            row["current"] = _model_step_peak(step_fn(ms["disel"], current, tid), "cpu") / 1e6
+            disel_layer.kernels = current
+            result["peak_mb"][t] = row
+            print(
+                f"  peak step memory, {t} tokens: LoRA {row['lora']:.1f} MB, baseline {row['baseline']:.1f} MB "
+                f"({row['baseline'] / row['lora']:.3f}x), current {row['current']:.1f} MB "
+                f"({row['current'] / row['lora']:.3f}x)"
+            )
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
