@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import pickle
 
@@ -102,16 +103,48 @@ def test_whole_layer_path_is_the_common_case_and_matches_peft(paths):
     assert paths == {"layer": 3, "update": 0}
 
 
+def test_dropout_in_training_stays_on_the_whole_layer_path(paths):
+    """The base reads x, the adapter dropout(x), with PEFT's random draw: outputs and gradients match PEFT."""
+    pm = _pm(lora_dropout=0.3)
+    pm.train()
+    x = torch.randn(4, 5, 12)
+    outs, grads = [], []
+    for reference in (False, True):
+        torch.manual_seed(7)
+        pm.zero_grad(set_to_none=True)
+        with reference_path() if reference else contextlib.nullcontext():
+            out = pm(x)
+        out.pow(2).sum().backward()
+        outs.append(out.detach())
+        grads.append({n: p.grad.clone() for n, p in pm.named_parameters() if p.grad is not None})
+    assert paths == {"layer": 3, "update": 0}
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-6, rtol=1e-5)
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) == 12
+    for n in grads[0]:
+        torch.testing.assert_close(grads[0][n], grads[1][n], atol=1e-6, rtol=1e-5, msg=n)
+    torch.manual_seed(7)
+    with torch.no_grad():
+        dropped = pm(x)
+    torch.manual_seed(8)
+    with torch.no_grad():
+        other = pm(x)
+    assert not torch.allclose(dropped, other)  # the masks are random: dropout really applies
+    pm.eval()  # eval-mode dropout is the identity
+    with torch.no_grad():
+        torch.testing.assert_close(pm(x), _reference(pm, x), atol=1e-6, rtol=1e-5)
+
+
 def test_other_cases_take_peft_forward(paths):
     x = torch.randn(4, 12)
-    # dropout while training: the base must see x, the adapter the dropped-out x
+    # an in-place dropout (not what PEFT builds) would change the base's input too: PEFT's forward
     pm = _pm(lora_dropout=0.3)
+    for m in pm.modules():
+        if isinstance(m, nn.Dropout):
+            m.inplace = True
     pm.train()
     pm(x)
     assert paths == {"layer": 0, "update": 3}
-    pm.eval()  # eval-mode dropout is the identity
-    pm(x)
-    assert paths == {"layer": 3, "update": 3}
+    paths.update(update=0)
 
     pm = _pm()
     pm.add_adapter("other", disel.DiselConfig(r=2, lora_alpha=3, target_modules=TARGETS))

@@ -245,6 +245,7 @@ def fused_gated_update(
     *,
     base_weight: torch.Tensor | None = None,
     base_bias: torch.Tensor | None = None,
+    base_input: torch.Tensor | None = None,
     cache: WeightCache | None = None,
 ) -> torch.Tensor:
     """``result + scaling * U (sigmoid(s W_g x + b_g) * (D x))`` for x of shape (..., d_in).
@@ -256,8 +257,9 @@ def fused_gated_update(
     may have another dtype, in which case the sum is type-promoted as ``result + delta`` would be.
 
     ``result=None`` with ``base_weight`` (and optionally ``base_bias``) of a linear layer computes the whole
-    layer, ``x W.T + b`` plus the update, in one kernel (the base's x is the adapter's: no dropout); every
-    tensor must then have one dtype. ``cache``: a :class:`WeightCache` for calls without autograd.
+    layer, ``x W.T + b`` plus the update, in one kernel; every tensor must then have one dtype. The base reads
+    ``base_input`` when given (the layer's input, where ``x`` is its dropped-out copy), else ``x``. ``cache``:
+    a :class:`WeightCache` for calls without autograd.
     """
     r = down_w.shape[0]
     if num_static < 0 or gate_w.shape[0] != r - num_static:
@@ -276,6 +278,7 @@ def fused_gated_update(
         if base_weight is not None:
             base_weight = base_weight.to(dt)
             base_bias = base_bias.to(dt) if base_bias is not None else None
+            base_input = base_input.to(dt) if base_input is not None else None
         with torch.autocast(device_type, enabled=False):
             return _fused_gated_update(  # itself, not a wrapper that tests or tools put in its place
                 x,
@@ -289,6 +292,7 @@ def fused_gated_update(
                 num_static,
                 base_weight=base_weight,
                 base_bias=base_bias,
+                base_input=base_input,
             )
     x2d = x.reshape(-1, x.shape[-1])
     use_cache = cache is not None and not torch.compiler.is_compiling()
@@ -303,6 +307,7 @@ def fused_gated_update(
             or up_w.requires_grad
             or (result.requires_grad if result is not None else base_weight.requires_grad)  # type: ignore[union-attr]
             or (base_bias is not None and base_bias.requires_grad)
+            or (base_input is not None and base_input.requires_grad)
         )
     ):
         cache.clear()  # type: ignore[union-attr]  # training: hold no copy of weights the next step changes
@@ -316,7 +321,8 @@ def fused_gated_update(
     z = F.linear(x2d, weight, bias)  # (T, r + r_g): [D x, s W_g x + b_g]
     h = F.glu(z, -1) if num_static == 0 else _hidden(z, r, num_static)
     if result is None:
-        out = F.linear(x2d, base_weight, base_bias).addmm_(h, up_t, alpha=scaling)  # type: ignore[arg-type]
+        base_x2d = x2d if base_input is None else base_input.reshape(-1, base_input.shape[-1])
+        out = F.linear(base_x2d, base_weight, base_bias).addmm_(h, up_t, alpha=scaling)  # type: ignore[arg-type]
     else:
         out = _add_up(result.reshape(-1, result.shape[-1]), h, up_t, scaling)
     return out.view(*x.shape[:-1], out.shape[-1])

@@ -197,7 +197,8 @@ class DiselLinear(lora_layer.Linear):
 
         The common case: no extra arguments (no ``adapter_names`` mixed batch), one active DISeL adapter on
         the fused path (the conditions of :func:`kernels.fast_tensors`), adapters not disabled, a plain
-        unhooked ``nn.Linear`` base, no dropout to apply (``lora_dropout=0``, or eval mode) and one dtype for
+        unhooked ``nn.Linear`` base, an ``nn.Identity`` or not-in-place ``nn.Dropout`` as the adapter's dropout
+        (in training the base reads x and the adapter the dropped-out x, as in PEFT) and one dtype for
         x, the base and the adapter. Then ``kernels.fused_gated_update(..., base_weight=W)`` computes
         ``x W.T + b + scaling U (g(x) * D x)`` itself, which is exactly what PEFT's forward computes through
         :meth:`DiselLinearVariant.forward`, with fewer full-width passes and less Python per call (this
@@ -243,7 +244,7 @@ class DiselLinear(lora_layer.Linear):
             or type(lora_A) is not nn.Linear
             or type(lora_B) is not nn.Linear
             or type(gate) is not DiselGate
-            or not (drop_t is nn.Identity or (drop_t is nn.Dropout and not dropout.training))
+            or not (drop_t is nn.Identity or (drop_t is nn.Dropout and not dropout.inplace))
         ):
             return None
         # no hooks on any of the five modules (kernels.hooked, inlined), none global, a plain gate
@@ -292,6 +293,10 @@ class DiselLinear(lora_layer.Linear):
         num_static = gd["num_static"]
         if gate_w.shape[0] + num_static != down_w.shape[0]:
             return None
+        base_x = None
+        if drop_t is nn.Dropout and dropout.training:
+            # PEFT's order: the base reads x, the adapter dropout(x) (the module's forward, the same RNG draw)
+            base_x, x = x, F.dropout(x, dropout.p, True, False)
         return kernels.fused_gated_update(
             x,
             None,
@@ -304,6 +309,7 @@ class DiselLinear(lora_layer.Linear):
             num_static,
             base_weight=base_w,
             base_bias=base_b,
+            base_input=base_x,
             cache=gd.get("weight_cache"),
         )
 
