@@ -1,5 +1,5 @@
-"""Two versions of DISeL's kernel module against each other and PEFT LoRA, in one process: whole-model training
-step time (paired, interleaved) and peak step memory.
+"""Two versions of DISeL's kernel module against each other and PEFT LoRA, in one process: whole-model (or, with
+``--layer D``, one D x D layer's) training step time, paired and interleaved, and peak step memory.
 
 The baseline is any file holding a version of ``disel/methods/gated_lora/kernels.py``, for example the one
 of an earlier commit::
@@ -12,7 +12,9 @@ the other before each step, outside the clock), LoRA on a copy of the same base,
 random order (:func:`disel.utils.timing.interleaved`); printed: the paired ratios with their 95% intervals
 (``current / baseline``, and each against LoRA), the largest gradient difference between the two versions
 (they compute the same function: it must be at float rounding), and the peak tensor bytes of one step
-(``disel.commands.bench.AllocationPeak``) at each ``--memory-tokens`` count.
+(``disel.commands.bench.AllocationPeak``) at each ``--memory-tokens`` count. A baseline whose
+``fused_gated_update`` predates a keyword the current layer passes (``base_input``, for dropout on the
+whole-layer path) is called without it while it is None; with ``--dropout`` > 0 such a baseline cannot be run.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import copy
 import importlib.util
+import inspect
 import json
 import statistics
 import sys
@@ -30,7 +33,14 @@ from types import ModuleType
 import torch
 from torch import nn
 
-from disel.commands.bench import _model_step_peak, _randomise_up, bench_llama, machine_info
+from disel.commands.bench import (
+    _model_step_peak,
+    _randomise_up,
+    _train_step,
+    bench_llama,
+    build_contenders,
+    machine_info,
+)
 from disel.methods.gated_lora import layer as disel_layer
 from disel.utils.threads import torch_threads
 from disel.utils.timing import interleaved, ratio_interval
@@ -46,6 +56,19 @@ def load_kernels(path: Path) -> ModuleType:
     spec.loader.exec_module(module)
     if not hasattr(module, "fused_gated_update"):
         raise SystemExit(f"--baseline {path} has no fused_gated_update: pass a copy of kernels.py.")
+    if "base_input" not in inspect.signature(module.fused_gated_update).parameters:
+        real = module.fused_gated_update
+
+        def without_base_input(
+            *args: object, base_input: torch.Tensor | None = None, **kwargs: object
+        ) -> object:
+            if base_input is not None:
+                raise SystemExit(
+                    f"--baseline {path} has no whole-layer kernel with dropout (no base_input): use --dropout 0."
+                )
+            return real(*args, **kwargs)
+
+        module.fused_gated_update = without_base_input
     return module
 
 
@@ -74,6 +97,16 @@ def step_fn(model: nn.Module, kernels: ModuleType, ids: torch.Tensor) -> Callabl
     return step
 
 
+def layer_step_fn(
+    model: nn.Module, kernels: ModuleType, x: torch.Tensor, grad: torch.Tensor
+) -> Callable[[], None]:
+    def step() -> None:
+        disel_layer.kernels = kernels
+        _train_step(model, x, grad)
+
+    return step
+
+
 def _grads(model: nn.Module) -> list[torch.Tensor]:
     return [p.grad.detach().clone() for p in model.parameters() if p.requires_grad and p.grad is not None]
 
@@ -86,7 +119,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--vocab", type=int, default=4096)
     p.add_argument("--r", type=int, default=16)
-    p.add_argument("--dropout", type=float, default=0.0, help="lora_dropout (> 0: the adapter-only kernel).")
+    p.add_argument("--dropout", type=float, default=0.0, help="lora_dropout of both adapters.")
+    p.add_argument(
+        "--layer", type=int, default=0, help="Time one D x D layer (r, --tokens) instead of the model."
+    )
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument(
@@ -98,18 +134,34 @@ def main(argv: list[str] | None = None) -> int:
     current = disel_layer.kernels
     result: dict = {"machine": machine_info(), "settings": vars(args) | {"baseline": str(args.baseline)}}
     with torch_threads(args.threads):
-        models = build(args.tokens, args.hidden, args.layers, args.vocab, args.r, args.dropout)
-        ids = torch.randint(3, args.vocab, (1, args.tokens), generator=torch.Generator().manual_seed(10))
+        if args.layer:
+            if args.dropout:
+                raise SystemExit("--layer times the benchmark layer without dropout: leave --dropout at 0.")
+            layer = build_contenders(args.layer, args.layer, args.r, torch.float32, "cpu")
+            models = {"lora": layer["lora"][0], "disel": layer["disel"][0]}
+            gen = torch.Generator().manual_seed(10)
+            x = torch.randn(args.tokens, args.layer, generator=gen).requires_grad_(True)
+            g = torch.randn(args.tokens, args.layer, generator=gen)
+
+            def make(model: nn.Module, kernels: ModuleType) -> Callable[[], None]:
+                return layer_step_fn(model, kernels, x, g)
+        else:
+            models = build(args.tokens, args.hidden, args.layers, args.vocab, args.r, args.dropout)
+            ids = torch.randint(3, args.vocab, (1, args.tokens), generator=torch.Generator().manual_seed(10))
+
+            def make(model: nn.Module, kernels: ModuleType) -> Callable[[], None]:
+                return step_fn(model, kernels, ids)
+
         grads = {}
         for name, mod in (("baseline", baseline), ("current", current)):
-            step_fn(models["disel"], mod, ids)()
+            make(models["disel"], mod)()
             grads[name] = _grads(models["disel"])
         diff = max((a - b).abs().max().item() for a, b in zip(grads["baseline"], grads["current"]))
         scale = max(g.abs().max().item() for g in grads["current"])
         fns = {
-            "lora": step_fn(models["lora"], current, ids),
-            "baseline": step_fn(models["disel"], baseline, ids),
-            "current": step_fn(models["disel"], current, ids),
+            "lora": make(models["lora"], current),
+            "baseline": make(models["disel"], baseline),
+            "current": make(models["disel"], current),
         }
         times = interleaved(fns, args.repeats, warmup=2)
         disel_layer.kernels = current
@@ -122,13 +174,14 @@ def main(argv: list[str] | None = None) -> int:
             "baseline_vs_lora": ratio_interval(times["baseline"], times["lora"]),
         }
         print(f"gradients, current vs baseline: max |diff| {diff:.2e} (max |grad| {scale:.2e})")
-        print(f"train step, {args.tokens} tokens, {args.threads} thread(s), {args.repeats} rounds:")
+        what = f"one {args.layer} x {args.layer} layer, r={args.r}" if args.layer else "whole model"
+        print(f"train step ({what}), {args.tokens} tokens, {args.threads} thread(s), {args.repeats} rounds:")
         for k, iv in result["ratios"].items():
             print(
                 f"  {k:<20} {iv['median']:.3f} [{iv['ci_low']:.3f}, {iv['ci_high']:.3f}] ({iv['ci_level']:.1%} CI)"
             )
         result["peak_mb"] = {}
-        for t in [int(s) for s in args.memory_tokens.split(",") if s.strip()]:
+        for t in [] if args.layer else [int(s) for s in args.memory_tokens.split(",") if s.strip()]:
             ms = build(t, args.hidden, args.layers, args.vocab, args.r, args.dropout)
             tid = torch.randint(3, args.vocab, (1, t), generator=torch.Generator().manual_seed(10))
             row = {}

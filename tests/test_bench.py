@@ -364,12 +364,11 @@ def test_ab_kernel_compares_two_kernel_files(tmp_path):
     same.write_text(src)
     # a baseline that computes another function: the update scaled by 1.1
     wrong.write_text(
-        src.replace(
-            "out = F.linear(x2d, base_weight, base_bias).addmm_(h, up_t, alpha=scaling)",
-            "out = F.linear(x2d, base_weight, base_bias).addmm_(h, up_t, alpha=scaling * 1.1)",
-        )
+        "from disel.methods.gated_lora import kernels as _k\n"
+        "globals().update({k: v for k, v in vars(_k).items() if not k.startswith('__')})\n"
+        "def fused_gated_update(x, result, down_w, gate_w, gate_b, up_w, scaling, *args, **kwargs):\n"
+        "    return _k.fused_gated_update(x, result, down_w, gate_w, gate_b, up_w, scaling * 1.1, *args, **kwargs)\n"
     )
-    assert wrong.read_text() != src
     tiny = ["--hidden", "64", "--layers", "1", "--vocab", "128", "--tokens", "16", "--repeats", "2"]
     results = {}
     for name, path in (("same", same), ("wrong", wrong)):
@@ -386,6 +385,24 @@ def test_ab_kernel_compares_two_kernel_files(tmp_path):
     )
     peak = res["peak_mb"]["16"]
     assert peak["baseline"] == peak["current"] > 0 and peak["lora"] > 0
+    out = tmp_path / "layer.json"
+    layer_args = ["--layer", "32", "--r", "4", "--tokens", "8", "--repeats", "2", "--out", str(out)]
+    assert ab.main(["--baseline", str(wrong), *layer_args]) == 0
+    res = json.loads(out.read_text())
+    assert res["max_grad_diff"] > 1e-3 * res["max_grad"] and res["peak_mb"] == {}
+    # a baseline from before ``base_input`` (dropout on the whole-layer path) runs without dropout only
+    old = tmp_path / "old.py"
+    old.write_text(
+        "from disel.methods.gated_lora import kernels as _k\n"
+        "globals().update({k: v for k, v in vars(_k).items() if not k.startswith('__')})\n"
+        "def fused_gated_update(x, result, down_w, gate_w, gate_b, up_w, scaling, logit_scale=1.0,\n"
+        "                       num_static=0, *, base_weight=None, base_bias=None, cache=None):\n"
+        "    return _k.fused_gated_update(x, result, down_w, gate_w, gate_b, up_w, scaling, logit_scale,\n"
+        "                                 num_static, base_weight=base_weight, base_bias=base_bias, cache=cache)\n"
+    )
+    assert ab.main(["--baseline", str(old), *tiny, "--memory-tokens", ""]) == 0
+    with pytest.raises(SystemExit, match="dropout"):
+        ab.main(["--baseline", str(old), *tiny, "--dropout", "0.1"])
     for bad in (tmp_path / "missing.py", ROOT / "README.md"):
         with pytest.raises(SystemExit, match="baseline"):
             ab.main(["--baseline", str(bad), *tiny])
