@@ -202,37 +202,49 @@ class _Retention:
             )
 
     def evaluate(self, model: Any, tokenizer: Any, name: str) -> tuple[float, str]:
-        """``(raw value, metric)`` of one retention task."""
+        """``(raw value, metric)`` of one retention task: in-process likelihood, lm-eval, or MLM perplexity."""
+        extra = self.refs[name].extra
+        kind = "likelihood" if "likelihood" in extra else "mlm" if "mlm" in extra else "lm_eval"
+        return getattr(self, f"_{kind}")(model, tokenizer, name)
+
+    def _likelihood(self, model: Any, tokenizer: Any, name: str) -> tuple[float, str]:
+        """exp(-NLL) on the stdlib texts, in process (the demo's measure; no lm-eval)."""
+        from .retention import likelihood_retention, stdlib_retention_texts
+
+        self.check(model, [name])
+        opts = self.refs[name].extra["likelihood"]
+        n = min(opts["n"], self.spec["limit"]) if self.spec.get("limit") else opts["n"]
+        res = likelihood_retention(
+            model, tokenizer, stdlib_retention_texts(n), opts["max_length"], opts["batch_size"]
+        )
+        return float(res["score"]), "likelihood"
+
+    def _lm_eval(self, model: Any, tokenizer: Any, name: str) -> tuple[float, str]:
         from .retention import run_lm_eval
 
-        spec, ref = self.spec, self.refs[name]
-        if "likelihood" in ref.extra:  # in process, the demo's measure (no lm-eval)
-            from .retention import likelihood_retention, stdlib_retention_texts
+        self.check(model, [name])
+        spec = self.spec
+        res = run_lm_eval(
+            model,
+            tokenizer,
+            [self.refs[name]],
+            limit=spec.get("limit"),
+            max_length=int(spec.get("max_length", 512)),
+            batch_size=int(spec.get("batch_size", 8)),
+            num_fewshot=spec.get("num_fewshot"),
+        )
+        return float(res[name]["value"]), str(res[name]["metric"])
 
-            self.check(model, [name])
-            opts = ref.extra["likelihood"]
-            n = min(opts["n"], spec["limit"]) if spec.get("limit") else opts["n"]
-            texts = stdlib_retention_texts(n)
-            res = likelihood_retention(model, tokenizer, texts, opts["max_length"], opts["batch_size"])
-            return float(res["score"]), "likelihood"
-        if "mlm" not in ref.extra:
-            self.check(model, [name])
-            res = run_lm_eval(
-                model,
-                tokenizer,
-                [ref],
-                limit=spec.get("limit"),
-                max_length=int(spec.get("max_length", 512)),
-                batch_size=int(spec.get("batch_size", 8)),
-                num_fewshot=spec.get("num_fewshot"),
-            )
-            return float(res[name]["value"]), str(res[name]["metric"])
+    def _mlm(self, model: Any, tokenizer: Any, name: str) -> tuple[float, str]:
         from .mlm import corpus_texts, mlm_perplexity
 
+        spec = self.spec
         opts = dict(spec.get("mlm") or {})
         head = self._head(model, opts.get("base"))
         texts = corpus_texts(
-            ref.extra["mlm"], n=int(spec.get("limit") or opts.get("n", 200)), seed=int(opts.get("seed", 0))
+            self.refs[name].extra["mlm"],
+            n=int(spec.get("limit") or opts.get("n", 200)),
+            seed=int(opts.get("seed", 0)),
         )
         out = mlm_perplexity(
             model,
