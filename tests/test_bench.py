@@ -269,8 +269,9 @@ def test_whole_model_bench_from_a_local_directory(tmp_path):
     assert cli_main(["bench", "--model", str(tmp_path / "missing")]) == 2
 
 
-def _load_gpu_check():
-    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "benchmarks" / "gpu_check.py")
+def _load_benchmark(name: str):
+    """A script of benchmarks/ as a module (they are not a package)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -279,7 +280,7 @@ def _load_gpu_check():
 def test_gpu_check_detects_a_wrong_kernel(monkeypatch):
     from disel.methods.gated_lora import kernels
 
-    gpu_check = _load_gpu_check()
+    gpu_check = _load_benchmark("gpu_check")
     real = kernels.fused_gated_update
 
     def wrong(x, result, down_w, gate_w, gate_b, up_w, scaling, *a, **k):
@@ -347,18 +348,11 @@ def test_bench_compact_script_reuses_the_model_variants(tmp_path, capsys, monkey
     assert "| compact |" in capsys.readouterr().out
 
 
-def _load_ab_kernel():
-    spec = importlib.util.spec_from_file_location("ab_kernel", ROOT / "benchmarks" / "ab_kernel.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_ab_kernel_compares_two_kernel_files(tmp_path):
     """The same kernel file as baseline gives identical gradients; a wrong one shows; bad paths are refused."""
     from disel.methods.gated_lora import kernels, layer
 
-    ab = _load_ab_kernel()
+    ab = _load_benchmark("ab_kernel")
     src = Path(kernels.__file__).read_text()
     same, wrong = tmp_path / "same.py", tmp_path / "wrong.py"
     same.write_text(src)
