@@ -133,68 +133,76 @@ def main(argv: list[str] | None = None) -> int:
     baseline = load_kernels(args.baseline)
     current = disel_layer.kernels
     result: dict = {"machine": machine_info(), "settings": vars(args) | {"baseline": str(args.baseline)}}
-    with torch_threads(args.threads):
-        if args.layer:
-            if args.dropout:
-                raise SystemExit("--layer times the benchmark layer without dropout: leave --dropout at 0.")
-            layer = build_contenders(args.layer, args.layer, args.r, torch.float32, "cpu")
-            models = {"lora": layer["lora"][0], "disel": layer["disel"][0]}
-            gen = torch.Generator().manual_seed(10)
-            x = torch.randn(args.tokens, args.layer, generator=gen).requires_grad_(True)
-            g = torch.randn(args.tokens, args.layer, generator=gen)
+    try:
+        with torch_threads(args.threads):
+            if args.layer:
+                if args.dropout:
+                    raise SystemExit(
+                        "--layer times the benchmark layer without dropout: leave --dropout at 0."
+                    )
+                layer = build_contenders(args.layer, args.layer, args.r, torch.float32, "cpu")
+                models = {"lora": layer["lora"][0], "disel": layer["disel"][0]}
+                gen = torch.Generator().manual_seed(10)
+                x = torch.randn(args.tokens, args.layer, generator=gen).requires_grad_(True)
+                g = torch.randn(args.tokens, args.layer, generator=gen)
 
-            def make(model: nn.Module, kernels: ModuleType) -> Callable[[], None]:
-                return layer_step_fn(model, kernels, x, g)
-        else:
-            models = build(args.tokens, args.hidden, args.layers, args.vocab, args.r, args.dropout)
-            ids = torch.randint(3, args.vocab, (1, args.tokens), generator=torch.Generator().manual_seed(10))
+                def make(model: nn.Module, kernels: ModuleType) -> Callable[[], None]:
+                    return layer_step_fn(model, kernels, x, g)
+            else:
+                models = build(args.tokens, args.hidden, args.layers, args.vocab, args.r, args.dropout)
+                ids = torch.randint(
+                    3, args.vocab, (1, args.tokens), generator=torch.Generator().manual_seed(10)
+                )
 
-            def make(model: nn.Module, kernels: ModuleType) -> Callable[[], None]:
-                return step_fn(model, kernels, ids)
+                def make(model: nn.Module, kernels: ModuleType) -> Callable[[], None]:
+                    return step_fn(model, kernels, ids)
 
-        grads = {}
-        for name, mod in (("baseline", baseline), ("current", current)):
-            make(models["disel"], mod)()
-            grads[name] = _grads(models["disel"])
-        diff = max((a - b).abs().max().item() for a, b in zip(grads["baseline"], grads["current"]))
-        scale = max(g.abs().max().item() for g in grads["current"])
-        fns = {
-            "lora": make(models["lora"], current),
-            "baseline": make(models["disel"], baseline),
-            "current": make(models["disel"], current),
-        }
-        times = interleaved(fns, args.repeats, warmup=2)
-        disel_layer.kernels = current
-        result["max_grad_diff"] = diff
-        result["max_grad"] = scale
-        result["median_ms"] = {k: statistics.median(v) * 1e3 for k, v in times.items()}
-        result["ratios"] = {
-            "current_vs_baseline": ratio_interval(times["current"], times["baseline"]),
-            "current_vs_lora": ratio_interval(times["current"], times["lora"]),
-            "baseline_vs_lora": ratio_interval(times["baseline"], times["lora"]),
-        }
-        print(f"gradients, current vs baseline: max |diff| {diff:.2e} (max |grad| {scale:.2e})")
-        what = f"one {args.layer} x {args.layer} layer, r={args.r}" if args.layer else "whole model"
-        print(f"train step ({what}), {args.tokens} tokens, {args.threads} thread(s), {args.repeats} rounds:")
-        for k, iv in result["ratios"].items():
+            grads = {}
+            for name, mod in (("baseline", baseline), ("current", current)):
+                make(models["disel"], mod)()
+                grads[name] = _grads(models["disel"])
+            diff = max((a - b).abs().max().item() for a, b in zip(grads["baseline"], grads["current"]))
+            scale = max(g.abs().max().item() for g in grads["current"])
+            fns = {
+                "lora": make(models["lora"], current),
+                "baseline": make(models["disel"], baseline),
+                "current": make(models["disel"], current),
+            }
+            times = interleaved(fns, args.repeats, warmup=2)
+            result["max_grad_diff"] = diff
+            result["max_grad"] = scale
+            result["median_ms"] = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+            result["ratios"] = {
+                "current_vs_baseline": ratio_interval(times["current"], times["baseline"]),
+                "current_vs_lora": ratio_interval(times["current"], times["lora"]),
+                "baseline_vs_lora": ratio_interval(times["baseline"], times["lora"]),
+            }
+            print(f"gradients, current vs baseline: max |diff| {diff:.2e} (max |grad| {scale:.2e})")
+            what = f"one {args.layer} x {args.layer} layer, r={args.r}" if args.layer else "whole model"
             print(
-                f"  {k:<20} {iv['median']:.3f} [{iv['ci_low']:.3f}, {iv['ci_high']:.3f}] ({iv['ci_level']:.1%} CI)"
+                f"train step ({what}), {args.tokens} tokens, {args.threads} thread(s), {args.repeats} rounds:"
             )
-        result["peak_mb"] = {}
-        for t in [] if args.layer else [int(s) for s in args.memory_tokens.split(",") if s.strip()]:
-            ms = build(t, args.hidden, args.layers, args.vocab, args.r, args.dropout)
-            tid = torch.randint(3, args.vocab, (1, t), generator=torch.Generator().manual_seed(10))
-            row = {}
-            for name, m, mod in (("lora", ms["lora"], current), ("baseline", ms["disel"], baseline)):
-                row[name] = _model_step_peak(step_fn(m, mod, tid), "cpu") / 1e6
-            row["current"] = _model_step_peak(step_fn(ms["disel"], current, tid), "cpu") / 1e6
-            disel_layer.kernels = current
-            result["peak_mb"][t] = row
-            print(
-                f"  peak step memory, {t} tokens: LoRA {row['lora']:.1f} MB, baseline {row['baseline']:.1f} MB "
-                f"({row['baseline'] / row['lora']:.3f}x), current {row['current']:.1f} MB "
-                f"({row['current'] / row['lora']:.3f}x)"
-            )
+            for k, iv in result["ratios"].items():
+                print(
+                    f"  {k:<20} {iv['median']:.3f} [{iv['ci_low']:.3f}, {iv['ci_high']:.3f}] ({iv['ci_level']:.1%} CI)"
+                )
+            result["peak_mb"] = {}
+            for t in [] if args.layer else [int(s) for s in args.memory_tokens.split(",") if s.strip()]:
+                ms = build(t, args.hidden, args.layers, args.vocab, args.r, args.dropout)
+                tid = torch.randint(3, args.vocab, (1, t), generator=torch.Generator().manual_seed(10))
+                row = {}
+                for name, m, mod in (("lora", ms["lora"], current), ("baseline", ms["disel"], baseline)):
+                    row[name] = _model_step_peak(step_fn(m, mod, tid), "cpu") / 1e6
+                row["current"] = _model_step_peak(step_fn(ms["disel"], current, tid), "cpu") / 1e6
+                result["peak_mb"][t] = row
+                print(
+                    f"  peak step memory, {t} tokens: LoRA {row['lora']:.1f} MB, baseline {row['baseline']:.1f} MB "
+                    f"({row['baseline'] / row['lora']:.3f}x), current {row['current']:.1f} MB "
+                    f"({row['current'] / row['lora']:.3f}x)"
+                )
+    finally:
+        disel_layer.kernels = current  # also when a step raised: the library's own module again
+
     if args.out:
         args.out.write_text(json.dumps(result, indent=1, default=str))
     return 0

@@ -397,6 +397,7 @@ def test_ab_kernel_compares_two_kernel_files(tmp_path):
     assert ab.main(["--baseline", str(old), *tiny, "--memory-tokens", ""]) == 0
     with pytest.raises(SystemExit, match="dropout"):
         ab.main(["--baseline", str(old), *tiny, "--dropout", "0.1"])
+    assert layer.kernels is kernels  # put back even when a step raised
     for bad in (tmp_path / "missing.py", ROOT / "README.md"):
         with pytest.raises(SystemExit, match="baseline"):
             ab.main(["--baseline", str(bad), *tiny])
