@@ -20,11 +20,12 @@ up-projection, a scale and an add). Here:
   base output (``addmm_``): no d_out-wide copy either.
 
 It is written with differentiable PyTorch ops only (no ``autograd.Function``): autograd's C++ nodes run the
-backward with less per-call overhead than a Python backward would (measured: a whole-model training step
-2% faster than with the fused Python backward this replaced, ``docs/performance.md``), and everything that
-works with PyTorch ops works here: double backward, forward-mode AD, ``torch.func``, ``torch.compile``,
-checkpointing. Saved for the backward: x (also saved by LoRA), z and h (T x 2r and T x r) and the
-concatenated weight (2r x d_in).
+backward with less per-call overhead than a Python backward would (measured on a whole tiny Llama: a training
+step about 1% faster than with the fused Python backward this replaced, 0.7% slower on one wide layer, where
+autograd's separate add of the two gradients of x costs more than the per-call overhead saves; see
+``docs/performance.md``), and everything that works with PyTorch ops works here: double backward, forward-mode
+AD, ``torch.func``, ``torch.compile``, checkpointing. Saved for the backward: x (also saved by LoRA), z and h
+(T x 2r and T x r) and the concatenated weight (2r x d_in).
 
 Without autograd (``torch.no_grad``, ``inference_mode``, generation) the concatenated weight ``[D; s W_g]``
 and bias ``[0, b_g]`` are kept in a per-adapter :class:`WeightCache` and reused while the parameters are
