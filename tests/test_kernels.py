@@ -193,15 +193,21 @@ def test_autocast_bf16_training_step(count_fused):
         torch.testing.assert_close(g_f[k] / scale, g_r[k] / scale, **tol, msg=k)
 
 
-def test_gradient_checkpointing():
-    pm = _disel_mlp()
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_gradient_checkpointing(dropout, reentrant):
+    """Recomputation in the backward redraws the same dropout masks (checkpoint restores the RNG state)."""
+    pm = _disel_mlp(lora_dropout=dropout)
+    pm.train()
     x = torch.randn(3, 12, requires_grad=True)
+    torch.manual_seed(5)
     pm(x).pow(2).sum().backward()
     expected = {n: p.grad.clone() for n, p in pm.named_parameters() if p.grad is not None}
     gx = x.grad.clone()
     pm.zero_grad(set_to_none=True)
     x.grad = None
-    out = torch.utils.checkpoint.checkpoint(pm, x, use_reentrant=False)
+    torch.manual_seed(5)
+    out = torch.utils.checkpoint.checkpoint(pm, x, use_reentrant=reentrant)
     out.pow(2).sum().backward()
     torch.testing.assert_close(x.grad, gx)
     for n, g in expected.items():
