@@ -6,6 +6,7 @@ of an earlier commit::
 
     git show 86e9fd8:src/disel/methods/gated_lora/kernels.py > /tmp/kernels_before.py
     taskset -c 1 python benchmarks/ab_kernel.py --baseline /tmp/kernels_before.py --threads 1
+    python benchmarks/ab_kernel.py --baseline /tmp/kernels_before.py --device cuda --dtype bf16  # on a GPU
 
 Both versions run on the same DISeL model (``disel.methods.gated_lora.layer`` is pointed at one module or
 the other before each step, outside the clock), LoRA on a copy of the same base, every round in a fresh
@@ -45,6 +46,8 @@ from disel.methods.gated_lora import layer as disel_layer
 from disel.utils.threads import torch_threads
 from disel.utils.timing import interleaved, ratio_interval
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
 
 def load_kernels(path: Path) -> ModuleType:
     if not path.is_file():
@@ -72,7 +75,16 @@ def load_kernels(path: Path) -> ModuleType:
     return module
 
 
-def build(tokens: int, hidden: int, layers: int, vocab: int, r: int, dropout: float) -> dict[str, nn.Module]:
+def build(
+    tokens: int,
+    hidden: int,
+    layers: int,
+    vocab: int,
+    r: int,
+    dropout: float,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> dict[str, nn.Module]:
     import peft
 
     import disel
@@ -84,7 +96,8 @@ def build(tokens: int, hidden: int, layers: int, vocab: int, r: int, dropout: fl
     dis = peft.get_peft_model(copy.deepcopy(base), disel.DiselConfig(**common))
     _randomise_up(lora, 1)
     _randomise_up(dis, 1)
-    return {"lora": lora, "disel": dis}
+    # one dtype for base and adapters (PEFT would keep bf16/fp16 models' adapters in fp32)
+    return {"lora": lora.to(device=device, dtype=dtype), "disel": dis.to(device=device, dtype=dtype)}
 
 
 def step_fn(model: nn.Module, kernels: ModuleType, ids: torch.Tensor) -> Callable[[], None]:
@@ -125,13 +138,19 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda.")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="fp32 (default), bf16 or fp16.")
     p.add_argument(
         "--memory-tokens", default="256,1024,2048", help="Token counts for the memory peaks ('' skips)."
     )
     p.add_argument("--out", type=Path, help="Also write the result as JSON.")
     args = p.parse_args(argv)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"--device {args.device}: no CUDA device here; use --device cpu.")
     baseline = load_kernels(args.baseline)
     current = disel_layer.kernels
+    dev, dtype = args.device, DTYPES[args.dtype]
+    sync = torch.cuda.synchronize if dev.startswith("cuda") else None
     result: dict = {"machine": machine_info(), "settings": vars(args) | {"baseline": str(args.baseline)}}
     try:
         with torch_threads(args.threads):
@@ -140,19 +159,21 @@ def main(argv: list[str] | None = None) -> int:
                     raise SystemExit(
                         "--layer times the benchmark layer without dropout: leave --dropout at 0."
                     )
-                layer = build_contenders(args.layer, args.layer, args.r, torch.float32, "cpu")
+                layer = build_contenders(args.layer, args.layer, args.r, dtype, dev)
                 models = {"lora": layer["lora"][0], "disel": layer["disel"][0]}
                 gen = torch.Generator().manual_seed(10)
-                x = torch.randn(args.tokens, args.layer, generator=gen).requires_grad_(True)
-                g = torch.randn(args.tokens, args.layer, generator=gen)
+                x = torch.randn(args.tokens, args.layer, generator=gen).to(dev, dtype).requires_grad_(True)
+                g = torch.randn(args.tokens, args.layer, generator=gen).to(dev, dtype)
 
                 def make(model: nn.Module, kernels: ModuleType) -> Callable[[], None]:
                     return layer_step_fn(model, kernels, x, g)
             else:
-                models = build(args.tokens, args.hidden, args.layers, args.vocab, args.r, args.dropout)
+                models = build(
+                    args.tokens, args.hidden, args.layers, args.vocab, args.r, args.dropout, dev, dtype
+                )
                 ids = torch.randint(
                     3, args.vocab, (1, args.tokens), generator=torch.Generator().manual_seed(10)
-                )
+                ).to(dev)
 
                 def make(model: nn.Module, kernels: ModuleType) -> Callable[[], None]:
                     return step_fn(model, kernels, ids)
@@ -168,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
                 "baseline": make(models["disel"], baseline),
                 "current": make(models["disel"], current),
             }
-            times = interleaved(fns, args.repeats, warmup=2)
+            times = interleaved(fns, args.repeats, warmup=2, sync=sync)
             result["max_grad_diff"] = diff
             result["max_grad"] = scale
             result["median_ms"] = {k: statistics.median(v) * 1e3 for k, v in times.items()}
@@ -188,12 +209,14 @@ def main(argv: list[str] | None = None) -> int:
                 )
             result["peak_mb"] = {}
             for t in [] if args.layer else [int(s) for s in args.memory_tokens.split(",") if s.strip()]:
-                ms = build(t, args.hidden, args.layers, args.vocab, args.r, args.dropout)
-                tid = torch.randint(3, args.vocab, (1, t), generator=torch.Generator().manual_seed(10))
+                ms = build(t, args.hidden, args.layers, args.vocab, args.r, args.dropout, dev, dtype)
+                tid = torch.randint(3, args.vocab, (1, t), generator=torch.Generator().manual_seed(10)).to(
+                    dev
+                )
                 row = {}
                 for name, m, mod in (("lora", ms["lora"], current), ("baseline", ms["disel"], baseline)):
-                    row[name] = _model_step_peak(step_fn(m, mod, tid), "cpu") / 1e6
-                row["current"] = _model_step_peak(step_fn(ms["disel"], current, tid), "cpu") / 1e6
+                    row[name] = _model_step_peak(step_fn(m, mod, tid), dev) / 1e6
+                row["current"] = _model_step_peak(step_fn(ms["disel"], current, tid), dev) / 1e6
                 result["peak_mb"][t] = row
                 print(
                     f"  peak step memory, {t} tokens: LoRA {row['lora']:.1f} MB, baseline {row['baseline']:.1f} MB "

@@ -401,3 +401,6 @@ def test_ab_kernel_compares_two_kernel_files(tmp_path):
     for bad in (tmp_path / "missing.py", ROOT / "README.md"):
         with pytest.raises(SystemExit, match="baseline"):
             ab.main(["--baseline", str(bad), *tiny])
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="no CUDA device"):
+            ab.main(["--baseline", str(same), *tiny, "--device", "cuda"])
