@@ -231,6 +231,7 @@ def _add_up(result2d: torch.Tensor, h: torch.Tensor, up_t: torch.Tensor, scaling
 
 
 _any_autocast = getattr(torch._C, "_is_any_autocast_enabled", None)
+_NO_CONTEXT = contextlib.nullcontext()  # reusable: entered on every call without autocast
 
 
 def fused_gated_update(
@@ -270,6 +271,7 @@ def fused_gated_update(
         )
     if (result is None) is (base_weight is None):
         raise ValueError("fused_gated_update takes either result or base_weight (with result=None).")
+    autocast_off: contextlib.AbstractContextManager = _NO_CONTEXT
     if (_any_autocast is None or _any_autocast()) and torch.is_autocast_enabled(x.device.type):
         # Do what autocast does to F.linear (differentiable casts of input and weights to the autocast dtype),
         # then run the kernel with autocast off so its forward and backward see one dtype.
@@ -280,53 +282,38 @@ def fused_gated_update(
             base_weight = base_weight.to(dt)
             base_bias = base_bias.to(dt) if base_bias is not None else None
             base_input = base_input.to(dt) if base_input is not None else None
-        with torch.autocast(device_type, enabled=False):
-            return _fused_gated_update(  # itself, not a wrapper that tests or tools put in its place
-                x,
-                result,
-                down_w,
-                gate_w,
-                gate_b,
-                up_w,
-                scaling,
-                logit_scale,
-                num_static,
-                base_weight=base_weight,
-                base_bias=base_bias,
-                base_input=base_input,
+        cache = None  # the casts are new tensors at every call: nothing to reuse
+        autocast_off = torch.autocast(device_type, enabled=False)
+    with autocast_off:
+        x2d = x.reshape(-1, x.shape[-1])
+        use_cache = cache is not None and not torch.compiler.is_compiling()
+        if (
+            use_cache
+            and torch.is_grad_enabled()
+            and (
+                x.requires_grad
+                or down_w.requires_grad
+                or gate_w.requires_grad
+                or gate_b.requires_grad
+                or up_w.requires_grad
+                or (result.requires_grad if result is not None else base_weight.requires_grad)  # type: ignore[union-attr]
+                or (base_bias is not None and base_bias.requires_grad)
+                or (base_input is not None and base_input.requires_grad)
             )
-    x2d = x.reshape(-1, x.shape[-1])
-    use_cache = cache is not None and not torch.compiler.is_compiling()
-    if (
-        use_cache
-        and torch.is_grad_enabled()
-        and (
-            x.requires_grad
-            or down_w.requires_grad
-            or gate_w.requires_grad
-            or gate_b.requires_grad
-            or up_w.requires_grad
-            or (result.requires_grad if result is not None else base_weight.requires_grad)  # type: ignore[union-attr]
-            or (base_bias is not None and base_bias.requires_grad)
-            or (base_input is not None and base_input.requires_grad)
-        )
-    ):
-        cache.clear()  # type: ignore[union-attr]  # training: hold no copy of weights the next step changes
-        use_cache = False
-    if use_cache:
-        weight, bias, up_t = cache.get(down_w, gate_w, gate_b, up_w, logit_scale)  # type: ignore[union-attr]
-    else:
-        weight = _down_and_gate_weight(down_w, gate_w, logit_scale)
-        bias = _padded_bias(gate_b, r)
-        up_t = up_w.t()
-    z = F.linear(x2d, weight, bias)  # (T, r + r_g): [D x, s W_g x + b_g]
-    h = F.glu(z, -1) if num_static == 0 else _hidden(z, r, num_static)
-    if result is None:
-        base_x2d = x2d if base_input is None else base_input.reshape(-1, base_input.shape[-1])
-        out = F.linear(base_x2d, base_weight, base_bias).addmm_(h, up_t, alpha=scaling)  # type: ignore[arg-type]
-    else:
-        out = _add_up(result.reshape(-1, result.shape[-1]), h, up_t, scaling)
-    return out.view(*x.shape[:-1], out.shape[-1])
-
-
-_fused_gated_update = fused_gated_update
+        ):
+            cache.clear()  # type: ignore[union-attr]  # training: hold no copy of weights the next step changes
+            use_cache = False
+        if use_cache:
+            weight, bias, up_t = cache.get(down_w, gate_w, gate_b, up_w, logit_scale)  # type: ignore[union-attr]
+        else:
+            weight = _down_and_gate_weight(down_w, gate_w, logit_scale)
+            bias = _padded_bias(gate_b, r)
+            up_t = up_w.t()
+        z = F.linear(x2d, weight, bias)  # (T, r + r_g): [D x, s W_g x + b_g]
+        h = F.glu(z, -1) if num_static == 0 else _hidden(z, r, num_static)
+        if result is None:
+            base_x2d = x2d if base_input is None else base_input.reshape(-1, base_input.shape[-1])
+            out = F.linear(base_x2d, base_weight, base_bias).addmm_(h, up_t, alpha=scaling)  # type: ignore[arg-type]
+        else:
+            out = _add_up(result.reshape(-1, result.shape[-1]), h, up_t, scaling)
+        return out.view(*x.shape[:-1], out.shape[-1])
